@@ -1,0 +1,3 @@
+from lmul.cli import main
+
+raise SystemExit(main())
