@@ -191,6 +191,10 @@ def quantize(
     with ``overflow="saturate"`` (also ``±inf`` in a format without inf) and ``±inf`` (NaN in
     a finite-only format) with ``overflow="ieee"``. NaN stays NaN, ``±0`` keeps its sign.
 
+    "Beyond max" is judged on the rounded value (exponent range unbounded), so with ``trunc`` a
+    finite ``x`` overflows only if keeping its leading bits exceeds ``max``. Ties go to the even
+    encoding (for ``m = 0``: the lower neighbour's exponent-field parity).
+
     ``rne`` + ``ieee`` equals ``x.to(bfloat16 | float16 | float8_e5m2)``; ``rne`` + ``saturate``
     equals ``x.to(float8_e4m3fn)``. Float64 inputs are rounded once, directly.
     """
@@ -214,7 +218,10 @@ def quantize(
     if rounding == "rne":
         rem = sig - (q << shift)
         half = torch.ones_like(shift) << (shift - 1).clamp(min=0)
-        up = (rem > half) | ((rem == half) & ((q & 1) == 1))
+        # ties go to the neighbour with the even encoding: the mantissa LSB, or for m = 0 the
+        # exponent field's LSB of the lower neighbour (its significand is the implicit 1)
+        odd = q & 1 if fmt.man_bits else q & (e + fmt.bias) & 1
+        up = (rem > half) | ((rem == half) & (odd == 1))
         q = q + (up & (shift > 0)).to(itype)
     scale = pow2(torch.maximum(e, torch.full_like(e, fmt.emin)) - fmt.man_bits, src)
     out = (q.to(src) * scale).to(torch.float32)  # exact: q < 2^(m+2) and fmt fits float32
