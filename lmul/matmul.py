@@ -112,8 +112,11 @@ def _broadcast(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         raise ValueError(f"batch dims of {tuple(a.shape)} and {tuple(b.shape)} do not broadcast") from err
     m, k = a2.shape[-2:]
     n = b2.shape[-1]
-    a3 = a2.expand(*batch, m, k).reshape(-1, m, k)
-    b3 = b2.expand(*batch, k, n).reshape(-1, k, n)
+    nbatch = 1
+    for d in batch:
+        nbatch *= d
+    a3 = a2.expand(*batch, m, k).reshape(nbatch, m, k)
+    b3 = b2.expand(*batch, k, n).reshape(nbatch, k, n)
 
     def shape_out(c: torch.Tensor) -> torch.Tensor:
         c = c.reshape(*batch, m, n)

@@ -1,0 +1,146 @@
+"""matmul (reference backend) against a float64 sum of the spec's products (tests/oracle.py),
+within the contract's tolerance |C - C_ref| <= K 2^-24 sum|P| (+ one float32 ulp)."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lmul import Format, matmul, quantize
+from lmul.matmul import REFERENCE_CHUNK
+from tests.oracle import SmallFormat, default_offset, spec_products
+
+
+def oracle_matmul(a: torch.Tensor, b: torch.Tensor, fmt: str, mode: str, rounding: str = "rne",
+                  offset: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float64 sum of the spec's float32 products, and sum |P|, with torch.matmul shapes."""
+    f = Format.parse(fmt)
+    c = default_offset(f.man_bits) if offset is None else offset
+    a2 = a.unsqueeze(0) if a.dim() == 1 else a
+    b2 = b.unsqueeze(-1) if b.dim() == 1 else b
+    aq = quantize(a2, f, rounding).double().numpy()
+    bq = quantize(b2, f, rounding).double().numpy()
+    p = spec_products(aq[..., :, :, None], bq[..., None, :, :], f.exp_bits, f.man_bits, mode, c).astype(np.float64)
+    total, mag = p.sum(-2), np.abs(p).sum(-2)
+    if a.dim() == 1:
+        total, mag = total[..., 0, :], mag[..., 0, :]
+    if b.dim() == 1:
+        total, mag = total[..., 0], mag[..., 0]
+    return total, mag
+
+
+def assert_within_contract(c: torch.Tensor, want: np.ndarray, mag: np.ndarray, k: int) -> None:
+    got = c.double().numpy()
+    assert got.shape == want.shape
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    bound = max(k, 1) * 2.0**-24 * mag + ulp
+    finite = np.isfinite(want)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    err = np.abs(got[finite] - want[finite])
+    assert np.all(err <= bound[finite]), f"max excess {np.max(err - bound[finite])}"
+
+
+SHAPES = [  # (a shape, b shape): 2-D, odd sizes, batched, broadcast, vectors
+    ((5, 7), (7, 3)), ((1, 33), (33, 1)), ((3, 5, 17), (3, 17, 4)), ((2, 1, 4, 9), (3, 9, 5)),
+    ((9,), (9, 4)), ((4, 9), (9,)), ((9,), (9,)), ((6, 8), (2, 8, 3)),
+]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "e4m3", "e5m2", "fp16", "e8m3", "fp32"])
+@pytest.mark.parametrize("mode", ["bit", "formula", "exact"])
+@pytest.mark.parametrize("shapes", SHAPES, ids=str)
+def test_matches_float64_sum_of_spec_products(fmt, mode, shapes):
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(*shapes[0], generator=g) * 3
+    b = torch.randn(*shapes[1], generator=g)
+    want, mag = oracle_matmul(a, b, fmt, mode)
+    c = matmul(a, b, fmt, mode)
+    assert c.dtype == torch.float32 and c.shape == torch.matmul(a, b).shape
+    assert_within_contract(c, want, mag, shapes[0][-1])
+
+
+@pytest.mark.parametrize("rounding", ["rne", "trunc"])
+def test_options_and_input_dtypes(rounding):
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    b = torch.randn(40, 5, generator=g).to(torch.bfloat16)
+    want, mag = oracle_matmul(a, b.float(), "e8m3", "bit", rounding, offset=0.0)
+    assert_within_contract(matmul(a, b, "e8m3", "bit", offset=0.0, rounding=rounding), want, mag, 40)
+
+
+def test_non_contiguous_and_transposed():
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(20, 30, generator=g).t()           # (30, 20), transposed view
+    b = torch.randn(40, 20, generator=g)[::2].t()     # (20, 20), strided view
+    want, mag = oracle_matmul(a.contiguous(), b.contiguous(), "bf16", "bit")
+    assert_within_contract(matmul(a, b, "bf16", "bit"), want, mag, 20)
+
+
+def test_chunking_covers_large_problems(monkeypatch):
+    """Force tiny chunks so every chunk boundary (batch, rows, k) is crossed."""
+    monkeypatch.setattr(sys.modules["lmul.matmul"], "REFERENCE_CHUNK", 37)
+    g = torch.Generator().manual_seed(10)
+    a, b = torch.randn(2, 11, 13, generator=g), torch.randn(2, 13, 5, generator=g)
+    want, mag = oracle_matmul(a, b, "e4m3", "bit")
+    assert_within_contract(matmul(a, b, "e4m3", "bit"), want, mag, 13)
+    assert REFERENCE_CHUNK >= 1 << 20
+
+
+def test_special_values_propagate():
+    a = torch.tensor([[1.0, float("inf")], [2.0, 3.0], [float("nan"), 1.0]])
+    b = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    c = matmul(a, b, "bf16", "bit")
+    assert c[0, 0] == float("inf") and torch.isnan(c[0, 1]) and torch.isnan(c[2]).all()
+    assert c[1, 1] == 0.0
+
+
+def test_empty():
+    assert matmul(torch.empty(3, 0), torch.empty(0, 4)).eq(0).all()
+    assert matmul(torch.empty(3, 0), torch.empty(0, 4)).shape == (3, 4)
+    assert matmul(torch.empty(0, 5), torch.ones(5, 4)).shape == (0, 4)
+    assert matmul(torch.ones(2, 0, 5), torch.ones(5, 4)).shape == (2, 0, 4)
+
+
+def sequential_acc_oracle(p: np.ndarray, acc: SmallFormat, block: int) -> np.ndarray:
+    """Running sum over k (last axis), rounded to ``acc`` after adding each block's float32 sum."""
+    total = np.zeros(p.shape[:-1])
+    for k0 in range(0, p.shape[-1], block):
+        blk = p[..., k0:k0 + block].astype(np.float32).sum(-1, dtype=np.float32).astype(np.float64)
+        total = acc.quantize((total.astype(np.float32) + blk.astype(np.float32)).astype(np.float64))
+    return total
+
+
+@pytest.mark.parametrize("block", [1, 4, 64])
+def test_reduced_precision_accumulation(block):
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(4, 24, generator=g), torch.randn(24, 3, generator=g)
+    f = Format.parse("e4m3")
+    aq, bq = quantize(a, f).double().numpy(), quantize(b, f).double().numpy()
+    p = spec_products(aq[:, None, :], bq.T[None, :, :], 4, 3, "bit", default_offset(3))  # [4, 3, 24]
+    want = sequential_acc_oracle(p, SmallFormat(4, 3, True), block)
+    got = matmul(a, b, "e4m3", "bit", acc="e4m3", acc_block=block)
+    np.testing.assert_array_equal(got.double().numpy(), want)
+    exact = matmul(a, b, "e4m3", "bit")
+    assert not torch.equal(got, exact)  # the accumulator rounding is visible
+
+
+def test_errors():
+    a = torch.ones(3, 4)
+    with pytest.raises(ValueError, match="do not match"):
+        matmul(a, torch.ones(5, 2))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        matmul(torch.ones(2, 3, 4), torch.ones(3, 4, 2))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        matmul(torch.tensor(1.0), a)
+    with pytest.raises(TypeError, match="floating dtype"):
+        matmul(a.long(), torch.ones(4, 2))
+    with pytest.raises(ValueError, match="different devices"):
+        matmul(a, torch.ones(4, 2, device="meta"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        matmul(a, torch.ones(4, 2), backend="cuda-magic")
+    with pytest.raises(ValueError, match="acc_block"):
+        matmul(a, torch.ones(4, 2), acc="e4m3", acc_block=0)
+    with pytest.raises(ValueError, match="unknown format"):
+        matmul(a, torch.ones(4, 2), acc="int8")
