@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 # modules that provide register(subparsers) -> adds one or more subcommands
 _COMMAND_MODULES = [
