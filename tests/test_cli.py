@@ -1,0 +1,39 @@
+"""The command line and the README's example, run as a user would."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from lmul.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_commands(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as stop:
+        assert stop.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out
+
+
+def test_demo_prints_golden_values(capsys):
+    assert main(["demo", "--n", "2000", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 1.5 × 1.75"))
+    assert row.split("|")[2:7] == [" 2.625 ", " 2.3125 ", " 2.75 ", " 2.375 ", " 3 "]
+    assert "L-Mul 3-bit (e8m3)" in out and "fp8 e4m3 multiply" in out
+
+
+def test_no_command_prints_usage(capsys):
+    assert main([]) == 2
+
+
+def test_readme_example_runs_as_written():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "tensor([12.5000,  2.6250])" in out
+    assert "tensor([13.0000,  2.3750])" in out
