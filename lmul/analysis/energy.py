@@ -1,0 +1,279 @@
+"""Energy per operation (paper Table 1) and the arithmetic/memory energy of a transformer forward.
+
+Table 1 of the paper is Horowitz, "Computing's energy problem (and what we can do about it)",
+ISSCC 2014, 45 nm, in pJ per operation. The paper's two claims, recomputed:
+
+* "95%" (element-wise products): an L-Mul on fp32 operands is one 32-bit integer addition
+  (0.1 pJ) in place of an fp32 multiplication (3.7 pJ): ``1 - 0.1 / 3.7 = 97.3%`` saved, which the
+  paper states as "95%".
+* "80%" (dot products): a multiply-add with fp32 accumulation costs ``3.7 + 0.9`` pJ; with L-Mul
+  ``0.1 + 0.9``: ``1 - 1.0 / 4.6 = 78.3%`` saved, stated as "80%".
+
+Both leave out moving the operands (memory traffic, usually the larger term for LLM inference),
+control, and the conversions around the multiplier. :func:`forward_counts` counts the
+multiplications and additions of a Llama-style forward pass from its config and
+:func:`energy_report` prices them per arm, next to a DRAM-traffic estimate priced with Horowitz's
+"DRAM 1.3-2.6 nJ per 64-bit access" (``162.5-325`` pJ/byte; the low end by default).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+__all__ = [
+    "TABLE1", "claim_95", "claim_80", "ModelShape", "SMOLLM2_135M", "model_shape", "OpCounts", "forward_counts",
+    "EnergyArm", "ARMS", "energy_report", "energy_markdown", "DRAM_PJ_PER_BYTE", "DRAM_PJ_PER_BYTE_HIGH",
+]
+
+# Horowitz 2014 (paper Table 1), pJ per operation, 45 nm
+TABLE1 = {
+    ("add", "int8"): 0.03, ("add", "int32"): 0.1, ("add", "fp16"): 0.4, ("add", "fp32"): 0.9,
+    ("mul", "int8"): 0.2, ("mul", "int32"): 3.1, ("mul", "fp16"): 1.1, ("mul", "fp32"): 3.7,
+}
+# Horowitz 2014, same table: DRAM 1.3-2.6 nJ per 64-bit access -> pJ per byte
+DRAM_PJ_PER_BYTE = 1300.0 / 8
+DRAM_PJ_PER_BYTE_HIGH = 2600.0 / 8
+
+
+def claim_95() -> dict:
+    """Element-wise: int32 add replaces an fp32 multiply."""
+    lmul, fp = TABLE1[("add", "int32")], TABLE1[("mul", "fp32")]
+    return {"lmul_pj": lmul, "fp32_mul_pj": fp, "saving": 1 - lmul / fp,
+            "steps": f"1 - {lmul} / {fp} = {1 - lmul / fp:.4f}"}
+
+
+def claim_80() -> dict:
+    """Dot product: (int32 add + fp32 add) vs (fp32 multiply + fp32 add) per multiply-add."""
+    add = TABLE1[("add", "fp32")]
+    lmul, fp = TABLE1[("add", "int32")] + add, TABLE1[("mul", "fp32")] + add
+    return {"lmul_pj": lmul, "fp32_mac_pj": fp, "saving": 1 - lmul / fp,
+            "steps": f"1 - ({TABLE1[('add', 'int32')]} + {add}) / ({TABLE1[('mul', 'fp32')]} + {add}) = "
+                     f"1 - {lmul:.1f} / {fp:.1f} = {1 - lmul / fp:.4f}"}
+
+
+# -- model shape and operation counts ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The config fields a Llama-style decoder's arithmetic depends on."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+
+    def __post_init__(self) -> None:
+        for f in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    @property
+    def params(self) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate + 2 * h
+        emb = self.vocab * h * (1 if self.tied_embeddings else 2)
+        return self.layers * per_layer + h + emb
+
+
+# HuggingFaceTB/SmolLM2-135M config.json
+SMOLLM2_135M = ModelShape("SmolLM2-135M", hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
+                          intermediate=1536, vocab=49152, tied_embeddings=True)
+BUILTIN = {"smollm2": SMOLLM2_135M, "smollm2-135m": SMOLLM2_135M}
+
+
+def model_shape(spec: Union[str, Path, dict]) -> ModelShape:
+    """``"smollm2"``, a config.json path, a directory holding one, or a config dict."""
+    if isinstance(spec, dict):
+        cfg, name = spec, spec.get("_name_or_path", "config")
+    else:
+        if str(spec).lower() in BUILTIN:
+            return BUILTIN[str(spec).lower()]
+        p = Path(spec)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.is_file():
+            raise ValueError(f"--model {spec!r}: not a built-in ({sorted(BUILTIN)}), a config.json or a directory "
+                             "holding one")
+        cfg, name = json.loads(p.read_text()), p.parent.name or str(p)
+    try:
+        heads = cfg["num_attention_heads"]
+        return ModelShape(
+            name=str(name), hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"],
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except KeyError as err:
+        raise ValueError(f"model config lacks {err.args[0]!r} (need a Llama-style config)") from None
+
+
+@dataclass
+class OpCounts:
+    """Multiplications and additions of one forward pass, by where they happen.
+
+    ``matmul_*``: multiply-accumulates of matrix products (``M N K`` multiplies, ``M N (K-1)``
+    adds). ``elementwise``: other multiplications (norm scales, squares, rotary, gating,
+    attention scaling). ``other_adds``: residual, rotary, bias/mask additions and norm sums.
+    """
+
+    attention_mul: int = 0      # Q K^T and P V
+    attention_add: int = 0
+    linear_mul: int = 0         # projections, MLP, lm_head
+    linear_add: int = 0
+    elementwise_mul: int = 0
+    other_add: int = 0
+    detail: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mm(counts: OpCounts, kind: str, name: str, m: int, n: int, k: int, times: int = 1) -> None:
+    mul, add = times * m * n * k, times * m * n * (k - 1)
+    setattr(counts, f"{kind}_mul", getattr(counts, f"{kind}_mul") + mul)
+    setattr(counts, f"{kind}_add", getattr(counts, f"{kind}_add") + add)
+    counts.detail[name] = counts.detail.get(name, 0) + mul
+
+
+def forward_counts(shape: ModelShape, seq: int, batch: int = 1) -> OpCounts:
+    """Operation counts of one prefill forward over ``seq`` tokens, as the Hugging Face Llama
+    eager implementation computes it (full ``seq x seq`` score matrices, masked afterwards; a
+    causal kernel that skips the masked half does half the attention work)."""
+    if seq < 1 or batch < 1:
+        raise ValueError(f"seq and batch must be >= 1, got seq={seq}, batch={batch}")
+    s, t = shape, batch * seq
+    h, q, kv, hd = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.head_dim
+    c = OpCounts()
+    # rotary tables: positions x inv_freq (hd/2 per token), then cos and sin x attention_scaling
+    c.elementwise_mul += t * (hd // 2) + 2 * t * hd
+    for _ in range(s.layers):
+        # input RMSNorm: x^2, mean (adds), x * rsqrt, weight * x
+        c.elementwise_mul += 3 * t * h
+        c.other_add += t * (h - 1) + t  # sum of squares, + eps
+        _mm(c, "linear", "q_proj", t, q, h)
+        _mm(c, "linear", "k_proj", t, kv, h)
+        _mm(c, "linear", "v_proj", t, kv, h)
+        # rotary: x * cos + rotate_half(x) * sin on q and k
+        c.elementwise_mul += 2 * t * (q + kv)
+        c.other_add += t * (q + kv)
+        _mm(c, "attention", "q k^T", seq, seq, hd, batch * s.heads)
+        c.elementwise_mul += batch * s.heads * seq * seq  # * scaling
+        c.other_add += batch * s.heads * seq * seq        # + causal mask
+        _mm(c, "attention", "p v", seq, hd, seq, batch * s.heads)
+        _mm(c, "linear", "o_proj", t, h, q)
+        c.other_add += t * h  # residual
+        c.elementwise_mul += 3 * t * h  # post-attention RMSNorm
+        c.other_add += t * (h - 1) + t
+        _mm(c, "linear", "gate_proj", t, s.intermediate, h)
+        _mm(c, "linear", "up_proj", t, s.intermediate, h)
+        c.elementwise_mul += t * s.intermediate  # silu(gate) * up
+        _mm(c, "linear", "down_proj", t, h, s.intermediate)
+        c.other_add += t * h  # residual
+    c.elementwise_mul += 3 * t * h  # final norm
+    c.other_add += t * (h - 1) + t
+    _mm(c, "linear", "lm_head", t, s.vocab, h)
+    return c
+
+
+# -- energy per arm ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnergyArm:
+    """How one arm prices a multiply and an add (pJ) and stores a weight/KV value (bytes).
+
+    ``lmul_mul_pj``: the price of a multiply that L-Mul replaces (None: not an L-Mul arm)."""
+
+    name: str
+    mul_pj: float
+    add_pj: float
+    bytes_per_value: float
+    lmul_mul_pj: Optional[float] = None
+    note: str = ""
+
+
+FP8_MUL_PJ = TABLE1[("mul", "fp16")] * 325 / 584  # no fp8 row in Table 1: scaled by the paper's gate counts
+ARMS = (
+    EnergyArm("fp32", TABLE1[("mul", "fp32")], TABLE1[("add", "fp32")], 4, note="Table 1 fp32"),
+    EnergyArm("fp16/bf16", TABLE1[("mul", "fp16")], TABLE1[("add", "fp16")], 2,
+              note="Table 1 fp16 (bf16 assumed equal)"),
+    EnergyArm("fp8", FP8_MUL_PJ, TABLE1[("add", "fp16")], 1,
+              note="estimate: fp16 multiply x 325/584 (paper's gate counts), fp16 accumulation"),
+    EnergyArm("L-Mul fp32", TABLE1[("mul", "fp32")], TABLE1[("add", "fp32")], 4, TABLE1[("add", "int32")],
+              note="the paper's setting: int32 add for each L-Mul, fp32 accumulation"),
+    EnergyArm("L-Mul 8-bit", FP8_MUL_PJ, TABLE1[("add", "fp16")], 1, TABLE1[("add", "int8")],
+              note="int8 add for each L-Mul on 8-bit operands, fp16 accumulation; other multiplies fp8"),
+)
+
+
+def _lmul_muls(c: OpCounts, scope: str) -> int:
+    if scope == "attention":
+        return c.attention_mul
+    if scope == "all":
+        return c.attention_mul + c.linear_mul + c.elementwise_mul
+    raise ValueError(f"scope must be 'attention' or 'all', got {scope!r}")
+
+
+def energy_report(shape: ModelShape, seq: int, scope: str = "attention", batch: int = 1,
+                  dram_pj_per_byte: float = DRAM_PJ_PER_BYTE) -> dict:
+    """Arithmetic energy of one forward per arm (multiplies, adds) and DRAM traffic energy
+    (every weight read once, K and V written once and read once per layer). Activations that
+    spill to DRAM, caches, control and data movement on chip are not counted."""
+    c = forward_counts(shape, seq, batch)
+    muls = c.attention_mul + c.linear_mul + c.elementwise_mul
+    adds = c.attention_add + c.linear_add + c.other_add
+    lm = _lmul_muls(c, scope)
+    kv_values = 2 * shape.layers * batch * seq * shape.kv_heads * shape.head_dim
+    rows = []
+    for arm in ARMS:
+        if arm.lmul_mul_pj is None:
+            mul_pj = muls * arm.mul_pj
+        else:
+            mul_pj = (muls - lm) * arm.mul_pj + lm * arm.lmul_mul_pj
+        add_pj = adds * arm.add_pj
+        weight_bytes = shape.params * arm.bytes_per_value
+        kv_bytes = 2 * kv_values * arm.bytes_per_value  # written once, read once
+        rows.append({
+            "arm": arm.name, "note": arm.note, "mul_uJ": mul_pj * 1e-6, "add_uJ": add_pj * 1e-6,
+            "arith_uJ": (mul_pj + add_pj) * 1e-6, "weights_uJ": weight_bytes * dram_pj_per_byte * 1e-6,
+            "kv_uJ": kv_bytes * dram_pj_per_byte * 1e-6,
+        })
+        rows[-1]["memory_uJ"] = rows[-1]["weights_uJ"] + rows[-1]["kv_uJ"]
+        rows[-1]["total_uJ"] = rows[-1]["arith_uJ"] + rows[-1]["memory_uJ"]
+    return {
+        "model": asdict(shape), "params": shape.params, "seq": seq, "batch": batch, "scope": scope,
+        "dram_pj_per_byte": dram_pj_per_byte, "counts": c.as_dict(), "multiplies": muls, "adds": adds,
+        "lmul_multiplies": lm, "arms": rows, "claim_95": claim_95(), "claim_80": claim_80(),
+    }
+
+
+def energy_markdown(rep: dict) -> str:
+    lines = [
+        f"Forward pass of {rep['model']['name']} ({rep['params'] / 1e6:.1f} M parameters), batch {rep['batch']}, "
+        f"seq {rep['seq']}, L-Mul scope `{rep['scope']}`: {rep['multiplies'] / 1e9:.3f} G multiplies "
+        f"({rep['lmul_multiplies'] / 1e9:.3f} G replaced by L-Mul), {rep['adds'] / 1e9:.3f} G adds. "
+        f"DRAM at {rep['dram_pj_per_byte']:.1f} pJ/byte.",
+        "",
+        "| arm | multiplies (µJ) | adds (µJ) | arithmetic (µJ) | weights DRAM (µJ) | KV DRAM (µJ) | total (µJ) | "
+        "arithmetic share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rep["arms"]:
+        lines.append(f"| {r['arm']} | {r['mul_uJ']:.1f} | {r['add_uJ']:.1f} | {r['arith_uJ']:.1f} | "
+                     f"{r['weights_uJ']:.1f} | {r['kv_uJ']:.1f} | {r['total_uJ']:.1f} | "
+                     f"{r['arith_uJ'] / r['total_uJ']:.1%} |")
+    lines += ["", "Arms: " + "; ".join(f"**{a.name}**: {a.note}" for a in ARMS) + "."]
+    return "\n".join(lines)
