@@ -11,6 +11,7 @@ from typing import Optional
 # modules that provide register(subparsers) -> adds one or more subcommands
 _COMMAND_MODULES = [
     "lmul.demo",
+    "lmul.analysis.commands",
 ]
 
 

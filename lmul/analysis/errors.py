@@ -163,10 +163,10 @@ class Arm:
 REAL_BASELINES = (Arm("fp8 e4m3 multiply", "e4m3", "exact"), Arm("fp8 e5m2 multiply", "e5m2", "exact"))
 
 
-def real_arm(k: int, l: Optional[int] = None) -> Arm:
-    """L-Mul (bit mode) on ``e8m{k}`` operands with offset ``2^-l`` (``l=None``: the paper's l(k))."""
-    c = None if l is None else 2.0**-l
-    name = f"L-Mul {k}-bit" + ("" if l is None else f", l={l}")
+def real_arm(k: int, lexp: Optional[int] = None) -> Arm:
+    """L-Mul (bit mode) on ``e8m{k}`` operands with offset ``2^-lexp`` (``None``: the paper's l(k))."""
+    c = None if lexp is None else 2.0**-lexp
+    name = f"L-Mul {k}-bit" + ("" if lexp is None else f", l={lexp}")
     return Arm(name, f"e8m{k}", "bit", c)
 
 
