@@ -157,8 +157,8 @@ def forward_counts(shape: ModelShape, seq: int, batch: int = 1) -> OpCounts:
     s, t = shape, batch * seq
     h, q, kv, hd = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.head_dim
     c = OpCounts()
-    # rotary tables: positions x inv_freq (hd/2 per token), then cos and sin x attention_scaling
-    c.elementwise_mul += t * (hd // 2) + 2 * t * hd
+    # rotary tables, shared by the batch: positions x inv_freq (hd/2 per position), cos and sin x attention_scaling
+    c.elementwise_mul += seq * (hd // 2) + 2 * seq * hd
     for _ in range(s.layers):
         # input RMSNorm: x^2, mean (adds), x * rsqrt, weight * x
         c.elementwise_mul += 3 * t * h

@@ -132,13 +132,24 @@ def offset_sweep(k: int, mode: str = "bit", offsets: Optional[list[float]] = Non
 
 
 def best_offsets(k: int, mode: str = "bit") -> dict[str, dict]:
-    """The offsets minimising E|r|, E r^2 and |E r| (grid search of :func:`offset_sweep`), next to
-    the paper's ``2^-l(k)`` and Mitchell's 0."""
-    sweep = offset_sweep(k, mode)
+    """The offsets minimising E|r|, E r^2 and |E r| (exhaustive; bit mode: every multiple of
+    ``2^-k``, formula mode: a ``2^-10`` grid), next to the paper's ``2^-l(k)`` and Mitchell's 0."""
+    criteria = (("mean_abs", lambda s: s.mean_abs), ("mse", lambda s: s.rms), ("bias", lambda s: abs(s.bias)))
     out = {}
-    for crit, key in (("mean_abs", lambda s: s.mean_abs), ("mse", lambda s: s.rms), ("bias", lambda s: abs(s.bias))):
-        c, s = min(sweep, key=lambda cs: key(cs[1]))
-        out[f"min_{crit}"] = {"offset": c, **s.as_dict()}
+    if mode == "bit":
+        sweep = offset_sweep(k, mode)
+        for crit, key in criteria:
+            c, s = min(sweep, key=lambda cs, key=key: key(cs[1]))
+            out[f"min_{crit}"] = {"offset": c, **s.as_dict()}
+    else:
+        # formula mode: r is affine in c, so all three criteria are convex in c; a 2^-6 grid on
+        # [0, 1/2) then a 2^-10 grid around its best is the 2^-10 grid search
+        coarse = offset_sweep(k, mode, [j * 2.0**-6 for j in range(32)])
+        for crit, key in criteria:
+            c0 = min(coarse, key=lambda cs, key=key: key(cs[1]))[0]
+            fine = [c0 + j * 2.0**-10 for j in range(-16, 17) if 0 <= c0 + j * 2.0**-10 < 0.5]
+            c, s = min(offset_sweep(k, mode, fine), key=lambda cs, key=key: key(cs[1]))
+            out[f"min_{crit}"] = {"offset": c, **s.as_dict()}
     arm = "lmul-bit" if mode == "bit" else "lmul-formula"
     paper_c = 2.0 ** -offset_exponent(k)
     out["paper"] = {"offset": paper_c, **exhaustive_stats(k, arm, paper_c).as_dict()}

@@ -198,9 +198,10 @@ def run_analysis(cfg: AnalyzeConfig, progress=print) -> dict:
     if data is not None:
         names = {"qk": "Q x K^T", "pv": "P x V", "linear": "linear (activation x weight)"}
         gen = torch.Generator().manual_seed(cfg.seed)
-        for kind, (a, b) in data.items():
+        for kind, pair in data.items():
             if kind == "meta":
                 continue
+            a, b = pair
             if a.numel() > cfg.n_pairs:
                 sel = torch.randperm(a.numel(), generator=gen)[: cfg.n_pairs]
                 a, b = a[sel], b[sel]
