@@ -94,6 +94,6 @@ def test_energy_command(tmp_path, capsys):
     assert main(["energy", "--model", "smollm2", "--seq", "16", "--scope", "all", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "SmolLM2-135M" in text and "1 - 0.1 / 3.7 = 0.9730" in text
-    rep = json.loads((tmp_path / "energy_SmolLM2-135M_seq16_all.json").read_text())
+    rep = json.loads((tmp_path / "energy_SmolLM2-135M_seq16_past0_all.json").read_text())
     assert rep["params"] == 134_515_008
-    assert (tmp_path / "energy_SmolLM2-135M_seq16_all.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "energy_SmolLM2-135M_seq16_past0_all.png").read_bytes()[:4] == b"\x89PNG"

@@ -79,6 +79,19 @@ def test_forward_counts_match_traced_forward(kv_heads, tied, batch, seq):
     assert c.elementwise_mul == t.c["elementwise"]
 
 
+@pytest.mark.parametrize("past,seq", [(6, 1), (4, 3)])
+def test_decode_counts_match_traced_forward_with_cache(past, seq):
+    cfg, model = _tiny(2, True)
+    ids = torch.randint(0, 128, (1, past + seq))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :past], use_cache=True).past_key_values
+        with _Count() as t:
+            model(input_ids=ids[:, past:], cache=cache, use_cache=True)
+    c = energy.forward_counts(energy.model_shape(cfg.to_dict()), seq, 1, past)
+    assert (c.linear_mul, c.attention_mul, c.attention_add, c.elementwise_mul) == (
+        t.c["mm_mul"], t.c["bmm_mul"], t.c["bmm_add"], t.c["elementwise"])
+
+
 def test_params_match_transformers_smollm2_shape():
     s = energy.SMOLLM2_135M
     cfg = transformers.LlamaConfig(
@@ -118,6 +131,9 @@ def test_energy_report_prices_counts():
         assert arms["fp32"]["weights_uJ"] == pytest.approx(s.params * 4 * 162.5e-6)
         kv_bytes = 2 * 2 * s.layers * 64 * s.kv_heads * s.head_dim * 2  # K and V, write + read, 2 bytes
         assert arms["fp16/bf16"]["kv_uJ"] == pytest.approx(kv_bytes * 162.5e-6)
+    rep = energy.energy_report(s, 1, "attention", past=1000)
+    kv_read_write = (1 + 1001) * 2 * s.layers * s.kv_heads * s.head_dim * 2  # 1 token written, 1001 read
+    assert {r["arm"]: r for r in rep["arms"]}["fp16/bf16"]["kv_uJ"] == pytest.approx(kv_read_write * 162.5e-6)
     with pytest.raises(ValueError, match="scope"):
         energy.energy_report(s, 8, "mlp")
     with pytest.raises(ValueError, match="seq"):

@@ -34,7 +34,8 @@ def _run_energy(args: argparse.Namespace) -> int:
     from lmul.analysis.plots import plot_energy
 
     try:
-        rep = energy_report(model_shape(args.model), args.seq, args.scope, args.batch, args.dram_pj_per_byte)
+        rep = energy_report(model_shape(args.model), args.seq, args.scope, args.batch, args.dram_pj_per_byte,
+                            args.past)
     except ValueError as err:
         raise SystemExit(f"lmul energy: {err}") from None
     text = energy_markdown(rep)
@@ -43,7 +44,7 @@ def _run_energy(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"energy_{rep['model']['name'].replace('/', '_')}_seq{args.seq}_{args.scope}"
+        stem = f"energy_{rep['model']['name'].replace('/', '_')}_seq{args.seq}_past{args.past}_{args.scope}"
         for suffix, content in ((".json", json.dumps(rep, indent=1)), (".md", text + "\n")):
             tmp = out / (stem + suffix + ".tmp")
             tmp.write_text(content)
@@ -80,6 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                       "model directory")
     e.add_argument("--seq", type=int, default=512, help="tokens in the forward pass")
     e.add_argument("--batch", type=int, default=1, help="sequences in the forward pass")
+    e.add_argument("--past", type=int, default=0,
+                   help="tokens already in the KV cache (--seq 1 --past N: one decode step at context N)")
     e.add_argument("--scope", choices=("attention", "all"), default="attention",
                    help="which multiplications L-Mul replaces (SPEC §5)")
     e.add_argument("--dram-pj-per-byte", type=float, default=DRAM_PJ_PER_BYTE,

@@ -148,13 +148,15 @@ def _mm(counts: OpCounts, kind: str, name: str, m: int, n: int, k: int, times: i
     counts.detail[name] = counts.detail.get(name, 0) + mul
 
 
-def forward_counts(shape: ModelShape, seq: int, batch: int = 1) -> OpCounts:
-    """Operation counts of one prefill forward over ``seq`` tokens, as the Hugging Face Llama
-    eager implementation computes it (full ``seq x seq`` score matrices, masked afterwards; a
-    causal kernel that skips the masked half does half the attention work)."""
-    if seq < 1 or batch < 1:
-        raise ValueError(f"seq and batch must be >= 1, got seq={seq}, batch={batch}")
-    s, t = shape, batch * seq
+def forward_counts(shape: ModelShape, seq: int, batch: int = 1, past: int = 0) -> OpCounts:
+    """Operation counts of one forward over ``seq`` new tokens per sequence with ``past`` tokens
+    already in the KV cache (``past=0``: prefill; ``seq=1, past=N``: one decode step), as the
+    Hugging Face Llama eager implementation computes it: full ``seq x (past + seq)`` score
+    matrices, masked afterwards (a causal kernel that skips the masked part of a prefill does
+    about half the attention work)."""
+    if seq < 1 or batch < 1 or past < 0:
+        raise ValueError(f"need seq >= 1, batch >= 1, past >= 0, got seq={seq}, batch={batch}, past={past}")
+    s, t, n = shape, batch * seq, past + seq  # n: keys per query
     h, q, kv, hd = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.head_dim
     c = OpCounts()
     # rotary tables, shared by the batch: positions x inv_freq (hd/2 per position), cos and sin x attention_scaling
@@ -169,10 +171,10 @@ def forward_counts(shape: ModelShape, seq: int, batch: int = 1) -> OpCounts:
         # rotary: x * cos + rotate_half(x) * sin on q and k
         c.elementwise_mul += 2 * t * (q + kv)
         c.other_add += t * (q + kv)
-        _mm(c, "attention", "q k^T", seq, seq, hd, batch * s.heads)
-        c.elementwise_mul += batch * s.heads * seq * seq  # * scaling
-        c.other_add += batch * s.heads * seq * seq        # + causal mask
-        _mm(c, "attention", "p v", seq, hd, seq, batch * s.heads)
+        _mm(c, "attention", "q k^T", seq, n, hd, batch * s.heads)
+        c.elementwise_mul += batch * s.heads * seq * n  # * scaling
+        c.other_add += batch * s.heads * seq * n        # + causal mask
+        _mm(c, "attention", "p v", seq, hd, n, batch * s.heads)
         _mm(c, "linear", "o_proj", t, h, q)
         c.other_add += t * h  # residual
         c.elementwise_mul += 3 * t * h  # post-attention RMSNorm
@@ -228,15 +230,16 @@ def _lmul_muls(c: OpCounts, scope: str) -> int:
 
 
 def energy_report(shape: ModelShape, seq: int, scope: str = "attention", batch: int = 1,
-                  dram_pj_per_byte: float = DRAM_PJ_PER_BYTE) -> dict:
+                  dram_pj_per_byte: float = DRAM_PJ_PER_BYTE, past: int = 0) -> dict:
     """Arithmetic energy of one forward per arm (multiplies, adds) and DRAM traffic energy
-    (every weight read once, K and V written once and read once per layer). Activations that
-    spill to DRAM, caches, control and data movement on chip are not counted."""
-    c = forward_counts(shape, seq, batch)
+    (every weight read once; per layer, the ``seq`` new tokens' K and V written once and all
+    ``past + seq`` tokens' K and V read once). Activations that spill to DRAM, caches, control
+    and data movement on chip are not counted."""
+    c = forward_counts(shape, seq, batch, past)
     muls = c.attention_mul + c.linear_mul + c.elementwise_mul
     adds = c.attention_add + c.linear_add + c.other_add
     lm = _lmul_muls(c, scope)
-    kv_values = 2 * shape.layers * batch * seq * shape.kv_heads * shape.head_dim
+    kv_token = 2 * shape.layers * batch * shape.kv_heads * shape.head_dim  # K and V values per token
     rows = []
     for arm in ARMS:
         if arm.lmul_mul_pj is None:
@@ -245,7 +248,7 @@ def energy_report(shape: ModelShape, seq: int, scope: str = "attention", batch: 
             mul_pj = (muls - lm) * arm.mul_pj + lm * arm.lmul_mul_pj
         add_pj = adds * arm.add_pj
         weight_bytes = shape.params * arm.bytes_per_value
-        kv_bytes = 2 * kv_values * arm.bytes_per_value  # written once, read once
+        kv_bytes = (seq + past + seq) * kv_token * arm.bytes_per_value  # new written, all read
         rows.append({
             "arm": arm.name, "note": arm.note, "mul_uJ": mul_pj * 1e-6, "add_uJ": add_pj * 1e-6,
             "arith_uJ": (mul_pj + add_pj) * 1e-6, "weights_uJ": weight_bytes * dram_pj_per_byte * 1e-6,
@@ -254,7 +257,7 @@ def energy_report(shape: ModelShape, seq: int, scope: str = "attention", batch: 
         rows[-1]["memory_uJ"] = rows[-1]["weights_uJ"] + rows[-1]["kv_uJ"]
         rows[-1]["total_uJ"] = rows[-1]["arith_uJ"] + rows[-1]["memory_uJ"]
     return {
-        "model": asdict(shape), "params": shape.params, "seq": seq, "batch": batch, "scope": scope,
+        "model": asdict(shape), "params": shape.params, "seq": seq, "past": past, "batch": batch, "scope": scope,
         "dram_pj_per_byte": dram_pj_per_byte, "counts": c.as_dict(), "multiplies": muls, "adds": adds,
         "lmul_multiplies": lm, "arms": rows, "claim_95": claim_95(), "claim_80": claim_80(),
     }
@@ -263,7 +266,8 @@ def energy_report(shape: ModelShape, seq: int, scope: str = "attention", batch: 
 def energy_markdown(rep: dict) -> str:
     lines = [
         f"Forward pass of {rep['model']['name']} ({rep['params'] / 1e6:.1f} M parameters), batch {rep['batch']}, "
-        f"seq {rep['seq']}, L-Mul scope `{rep['scope']}`: {rep['multiplies'] / 1e9:.3f} G multiplies "
+        f"seq {rep['seq']}, past (KV cache) {rep['past']}, L-Mul scope `{rep['scope']}`: "
+        f"{rep['multiplies'] / 1e9:.3f} G multiplies "
         f"({rep['lmul_multiplies'] / 1e9:.3f} G replaced by L-Mul), {rep['adds'] / 1e9:.3f} G adds. "
         f"DRAM at {rep['dram_pj_per_byte']:.1f} pJ/byte.",
         "",

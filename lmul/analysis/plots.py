@@ -126,8 +126,8 @@ def plot_energy(rep: dict, path: Path) -> Path:
         ax.bar(arms, vals, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.set_ylabel("energy per forward (mJ)")
-    ax.set_title(f"{rep['model']['name']}, seq {rep['seq']}, L-Mul scope {rep['scope']} (45 nm, Horowitz 2014)",
-                 fontsize=9)
+    ax.set_title(f"{rep['model']['name']}, seq {rep['seq']}, past {rep['past']}, L-Mul scope {rep['scope']} "
+                 "(45 nm, Horowitz 2014)", fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=7)
     return _save(fig, path)
