@@ -24,6 +24,9 @@ __all__ = ["AnalyzeConfig", "exhaustive_section", "offsets_section", "real_secti
            "load_operands", "run_analysis"]
 
 
+MAX_OFFSET_SEARCH_BITS = 8  # the bit-mode search tries all 2^k offsets on 4^k pairs
+
+
 @dataclass(frozen=True)
 class AnalyzeConfig:
     """What ``lmul analyze`` computes. ``operands``: a ``.pt`` file of captured pairs
@@ -137,11 +140,11 @@ def _markdown(res: dict, ks: range) -> str:
           "The paper's printed Table 7 values were not available here to compare against.", "",
           table7.table7_markdown(res["table7"]), "",
           "## Best offsets (exhaustive)", "",
-          "| k | mode | paper c = 2^-l(k): mean \\|r\\|, bias | Mitchell c = 0 | argmin mean \\|r\\| | argmin RMS | "
+          "| k | mode | paper c = 2^-l(k): mean \\|r\\|, bias | c = 0 (bit: Mitchell) | argmin mean \\|r\\| | argmin RMS | "
           "argmin \\|bias\\| |",
           "|---|---|---|---|---|---|---|"]
     for mode in ("bit", "formula"):
-        for k in ks:
+        for k in sorted(int(x) for x in res["offsets"][mode]):
             b = res["offsets"][mode][str(k)]
 
             def cell(key, b=b):
@@ -187,7 +190,7 @@ def run_analysis(cfg: AnalyzeConfig, progress=print) -> dict:
     progress("Table 7 closed forms ...")
     res["table7"] = table7.table7_rows(range(1, min(cfg.max_bits, 7) + 1))
     progress("offset search ...")
-    res["offsets"] = offsets_section(ks)
+    res["offsets"] = offsets_section(range(1, min(cfg.max_bits, MAX_OFFSET_SEARCH_BITS) + 1))
     sets = {"N(0,1) x N(0,1) (synthetic)": gaussian_operands(cfg.n_pairs, cfg.seed)}
     data = None
     if cfg.model is not None:
