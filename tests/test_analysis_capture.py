@@ -97,3 +97,28 @@ def test_energy_command(tmp_path, capsys):
     rep = json.loads((tmp_path / "energy_SmolLM2-135M_seq16_past0_all.json").read_text())
     assert rep["params"] == 134_515_008
     assert (tmp_path / "energy_SmolLM2-135M_seq16_past0_all.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_analyze_command_captures_from_model_dir(tmp_path):
+    # a tiny random Llama and a word-level tokenizer saved as a Hugging Face directory
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(127)} | {"[UNK]": 127}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=16, intermediate_size=96, vocab_size=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(tmp_path / "model")
+    prompts = tmp_path / "gsm8k.jsonl"
+    prompts.write_text("\n".join(json.dumps({"question": " ".join(f"w{(7 * i + j) % 127}" for j in range(10 + i))})
+                                 for i in range(3)))
+    out = tmp_path / "out"
+    assert main(["analyze", "--out", str(out), "--max-bits", "2", "--n-pairs", "600",
+                 "--model", str(tmp_path / "model"), "--prompts", str(prompts), "--layers", "0,2"]) == 0
+    ops = torch.load(out / "operands.pt", weights_only=True)
+    assert ops["meta"]["layers"] == [0, 2] and ops["meta"]["prompts"] == 3
+    assert ops["qk"][0].numel() == 3 * 2 * (600 // 6)
+    res = json.loads((out / "analysis.json").read_text())
+    assert "P x V" in res["real"] and res["operands_meta"]["model"] == str(tmp_path / "model")

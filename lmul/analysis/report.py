@@ -140,8 +140,8 @@ def _markdown(res: dict, ks: range) -> str:
           "The paper's printed Table 7 values were not available here to compare against.", "",
           table7.table7_markdown(res["table7"]), "",
           "## Best offsets (exhaustive)", "",
-          "| k | mode | paper c = 2^-l(k): mean \\|r\\|, bias | c = 0 (bit: Mitchell) | argmin mean \\|r\\| | argmin RMS | "
-          "argmin \\|bias\\| |",
+          "| k | mode | paper c = 2^-l(k): mean \\|r\\|, bias | c = 0 (bit: Mitchell) | argmin mean \\|r\\| | "
+          "argmin RMS | argmin \\|bias\\| |",
           "|---|---|---|---|---|---|---|"]
     for mode in ("bit", "formula"):
         for k in sorted(int(x) for x in res["offsets"][mode]):
