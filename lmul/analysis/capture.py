@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 __all__ = ["capture_layers", "sample_pairs", "capture_operands", "load_model", "read_prompts", "OPERAND_KINDS"]
 
@@ -125,7 +126,7 @@ def capture_operands(model: torch.nn.Module, prompts_ids: Sequence[torch.Tensor]
     prompt, kind and layer)."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, list] = {kind: ([], []) for kind in OPERAND_KINDS}
-    for ids in prompts_ids:
+    for ids in tqdm(prompts_ids, desc="capture", unit="prompt", disable=len(prompts_ids) < 2):
         for cap in capture_layers(model, ids, layers).values():
             for kind, (a, b) in sample_pairs(cap, n_per, gen).items():
                 out[kind][0].append(a)

@@ -184,7 +184,8 @@ def run_analysis(cfg: AnalyzeConfig, progress=print) -> dict:
     t0 = time.time()
     ks = range(1, cfg.max_bits + 1)
     real_ks = range(2, min(cfg.max_bits, 7) + 1)
-    res: dict = {"config": asdict(cfg), "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+    versions = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    res: dict = {"config": asdict(cfg), "versions": versions}
     progress("exhaustive statistics ...")
     res["exhaustive"] = exhaustive_section(ks)
     progress("Table 7 closed forms ...")
@@ -194,6 +195,9 @@ def run_analysis(cfg: AnalyzeConfig, progress=print) -> dict:
     sets = {"N(0,1) x N(0,1) (synthetic)": gaussian_operands(cfg.n_pairs, cfg.seed)}
     data = None
     if cfg.model is not None:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
         progress(f"capturing operands from {cfg.model} ...")
         data = _capture(cfg, out)
     elif cfg.operands is not None:
