@@ -4,6 +4,8 @@ from fractions import Fraction
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lmul.analysis import errors
 
@@ -119,3 +121,16 @@ def test_stats_and_bad_input():
         errors.arm_products(*errors.grid_pairs(2), 2, "nope")
     with pytest.raises(ValueError, match="same length"):
         errors.real_relative_errors(torch.ones(3), torch.ones(2), errors.real_arm(3))
+
+
+@given(
+    a=st.floats(1e-3, 1e3), b=st.floats(1e-3, 1e3), ja=st.integers(-40, 40), jb=st.integers(-40, 40),
+    k=st.integers(1, 7), neg=st.booleans(),
+)
+def test_real_errors_invariant_under_power_of_two_scaling(a, b, ja, jb, k, neg):
+    # quantizing to e8m{k} and every arm commute with scaling by 2^j (away from the range limits)
+    x, y = torch.tensor([a], dtype=torch.float64), torch.tensor([-b if neg else b], dtype=torch.float64)
+    for arm in (errors.real_arm(k), errors.real_arm(k, 1), errors.Arm("rne", f"e8m{k}", "exact")):
+        r0 = errors.real_relative_errors(x.float(), y.float(), arm)
+        r1 = errors.real_relative_errors((x * 2.0**ja).float(), (y * 2.0**jb).float(), arm)
+        assert torch.equal(r0, r1)

@@ -279,5 +279,8 @@ def energy_markdown(rep: dict) -> str:
         lines.append(f"| {r['arm']} | {r['mul_uJ']:.1f} | {r['add_uJ']:.1f} | {r['arith_uJ']:.1f} | "
                      f"{r['weights_uJ']:.1f} | {r['kv_uJ']:.1f} | {r['total_uJ']:.1f} | "
                      f"{r['arith_uJ'] / r['total_uJ']:.1%} |")
+    places = {**rep["counts"]["detail"], "element-wise": rep["counts"]["elementwise_mul"]}
+    lines += ["", "Multiplies by place: " + ", ".join(
+        f"{name} {n / rep['multiplies']:.1%}" for name, n in sorted(places.items(), key=lambda kv: -kv[1])) + "."]
     lines += ["", "Arms: " + "; ".join(f"**{a.name}**: {a.note}" for a in ARMS) + "."]
     return "\n".join(lines)
