@@ -134,3 +134,16 @@ def test_real_errors_invariant_under_power_of_two_scaling(a, b, ja, jb, k, neg):
         r0 = errors.real_relative_errors(x.float(), y.float(), arm)
         r1 = errors.real_relative_errors((x * 2.0**ja).float(), (y * 2.0**jb).float(), arm)
         assert torch.equal(r0, r1)
+
+
+def test_scaled_fp8_arm():
+    # values far below e4m3's range: unscaled they flush to zero, scaled by 2^k they are kept
+    a = torch.tensor([1e-4, 3e-5, -2e-4])
+    b = torch.tensor([2.0, -1.0, 0.5])
+    unscaled = errors.real_relative_errors(a, b, errors.REAL_BASELINES[0])
+    scaled = errors.real_relative_errors(a, b, errors.REAL_BASELINES[2])
+    assert unscaled.tolist() == [-1.0, -1.0, -1.0]
+    # by hand: a scaled by 2^21 (448 / 2e-4 = 2.24e6 -> 2^21), b by 2^7 (448 / 2 = 224 -> 2^7)
+    ref = errors.real_relative_errors(a * 2.0**21, b * 2.0**7, errors.REAL_BASELINES[0])
+    assert torch.equal(scaled, ref)
+    assert scaled.abs().max() < 2.0**-3

@@ -37,8 +37,9 @@ def plot_offsets(real: dict, path: Path) -> Path:
         for k, row in sorted(r["by_l"].items(), key=lambda kv: int(kv[0])):
             ls = sorted((int(le), s["mean_abs"]) for le, s in row.items())
             ax.plot([a for a, _ in ls], [b for _, b in ls], marker="o", ms=3, label=f"L-Mul k={k}")
-        for (label, s), style in zip(r["baselines"].items(), ("--", ":"), strict=False):
-            ax.axhline(s["mean_abs"], color="k", ls=style, label=label)
+        for (label, s), (color, style) in zip(r["baselines"].items(), (("k", "--"), ("k", ":"), ("grey", "--"),
+                                                                        ("grey", ":")), strict=False):
+            ax.axhline(s["mean_abs"], color=color, ls=style, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("offset exponent l (c = 2^-l)")
         ax.set_title(name, fontsize=9)
@@ -57,7 +58,7 @@ def plot_bits(real: dict, exhaustive: dict, path: Path) -> Path:
     for name, r in real.items():
         kk = sorted(int(k) for k in r["default"])
         line = ax.plot(kk, [r["default"][str(k)]["mean_abs"] for k in kk], marker="o", ms=3, label=name)[0]
-        for s, style in zip(r["baselines"].values(), ("--", ":"), strict=False):
+        for s, style in zip(list(r["baselines"].values())[:2], ("--", ":"), strict=True):
             ax.axhline(s["mean_abs"], color=line.get_color(), ls=style, lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("L-Mul mantissa bits k (offset 2^-l(k))")
