@@ -64,3 +64,11 @@ def test_bad_k():
     with pytest.raises(ValueError, match="mantissa bits"):
         table7.truncation_expectation(17)
     assert torch.is_tensor(errors.mantissa_grid(1))
+
+
+def test_relative_rows_by_hand():
+    # k = 1, formula mode, c = 1/16: pairs (1,1), (1,1.5), (1.5,1), (1.5,1.5)
+    # relative errors 1/16, 1.5625/1.5 - 1 (twice), 2.0625/2.25 - 1 -> mean 1/64
+    row = table7.relative_rows(range(1, 2))[0]
+    assert row["formula_c_2^-4"] == pytest.approx(1 / 64, abs=1e-15)
+    assert row["trunc"] == pytest.approx(-1 / 36, abs=1e-15)  # only 2.25 -> 2 loses: -1/9 / 4

@@ -139,6 +139,8 @@ def _markdown(res: dict, ks: range) -> str:
           "Signed E[approximation - exact] in units of 2^(xe+ye); |·| columns are the magnitudes. "
           "The paper's printed Table 7 values were not available here to compare against.", "",
           table7.table7_markdown(res["table7"]), "",
+          "The same as mean signed *relative* error E[P/(xy) - 1], exhaustive:", "",
+          table7.relative_markdown(res["table7_relative"]), "",
           "## Best offsets (exhaustive)", "",
           "| k | mode | paper c = 2^-l(k): mean \\|r\\|, bias | c = 0 (bit: Mitchell) | argmin mean \\|r\\| | "
           "argmin RMS | argmin \\|bias\\| |",
@@ -190,6 +192,7 @@ def run_analysis(cfg: AnalyzeConfig, progress=print) -> dict:
     res["exhaustive"] = exhaustive_section(ks)
     progress("Table 7 closed forms ...")
     res["table7"] = table7.table7_rows(range(1, min(cfg.max_bits, 7) + 1))
+    res["table7_relative"] = table7.relative_rows(range(1, min(cfg.max_bits, 7) + 1))
     progress("offset search ...")
     res["offsets"] = offsets_section(range(1, min(cfg.max_bits, MAX_OFFSET_SEARCH_BITS) + 1))
     sets = {"N(0,1) x N(0,1) (synthetic)": gaussian_operands(cfg.n_pairs, cfg.seed)}

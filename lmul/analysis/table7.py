@@ -30,11 +30,12 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Optional
 
+from lmul.analysis.errors import exhaustive_stats
 from lmul.ops import offset_exponent
 
 __all__ = [
     "lmul_expectation", "truncation_expectation", "normalised_truncation_expectation", "table7_rows",
-    "table7_markdown",
+    "table7_markdown", "relative_rows", "relative_markdown",
 ]
 
 PAPER_CONSTANT_OFFSET = Fraction(1, 16)  # 2^-4
@@ -98,4 +99,26 @@ def table7_markdown(rows: list[dict]) -> str:
             f"{abs(r['lmul_c_2^-l(k)']):.4f} | {r['exact']['trunc']} = {r['trunc']:+.6f} | {abs(r['trunc']):.4f} | "
             f"{r['trunc_normalised']:+.6f} |"
         )
+    return "\n".join(lines)
+
+
+def relative_rows(ks: range = range(1, 8)) -> list[dict]:
+    """The same expectations measured as *relative* errors ``E[P/(xy) - 1]`` by exhaustive
+    enumeration (no closed form): L-Mul formula mode with ``c = 2^-4`` and ``2^-l(k)``, bit mode
+    with ``2^-l(k)``, and the truncating k-bit multiplier."""
+    return [{
+        "k": k,
+        "formula_c_2^-4": exhaustive_stats(k, "lmul-formula", 1 / 16).bias,
+        "formula_c_2^-l(k)": exhaustive_stats(k, "lmul-formula").bias,
+        "bit_c_2^-l(k)": exhaustive_stats(k, "lmul-bit").bias,
+        "trunc": exhaustive_stats(k, "fp-trunc").bias,
+    } for k in ks]
+
+
+def relative_markdown(rows: list[dict]) -> str:
+    lines = ["| k | formula, c = 2^-4 | formula, c = 2^-l(k) | bit, c = 2^-l(k) | truncation |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r['formula_c_2^-4']:+.6f} | {r['formula_c_2^-l(k)']:+.6f} | "
+                     f"{r['bit_c_2^-l(k)']:+.6f} | {r['trunc']:+.6f} |")
     return "\n".join(lines)
