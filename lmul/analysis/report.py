@@ -152,7 +152,7 @@ def _markdown(res: dict, ks: range) -> str:
             def cell(key, b=b):
                 return f"c={b[key]['offset']:.6g}: {b[key]['mean_abs']:.4f}, {b[key]['bias']:+.4f}"
 
-            md.append(f"| {k} | {mode} | {cell('paper')} | {cell('mitchell')} | {cell('min_mean_abs')} | "
+            md.append(f"| {k} | {mode} | {cell('paper')} | {cell('zero')} | {cell('min_mean_abs')} | "
                       f"{cell('min_mse')} | {cell('min_bias')} |")
     md += ["", "## Real operands (Figure 3 / Figure 4 analogs)", ""]
     for name, r in res["real"].items():
