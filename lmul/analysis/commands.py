@@ -55,20 +55,26 @@ def _run_energy(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from dataclasses import fields
+
     from lmul.analysis.energy import DRAM_PJ_PER_BYTE
+    from lmul.analysis.report import AnalyzeConfig
+
+    default = {f.name: f.default for f in fields(AnalyzeConfig)}  # one source for the defaults
 
     p = sub.add_parser("analyze", help="error statistics, Table 7, Figure 3/4 analogs, gate counts, energy claims",
                        description="Exhaustive and real-operand error analysis of L-Mul; writes analysis.md/.json "
                                    "and PNG figures to --out.")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="random seed (synthetic operands, sampling)")
-    p.add_argument("--max-bits", type=int, default=7, help="largest mantissa width k enumerated exhaustively (<= 10)")
-    p.add_argument("--n-pairs", type=int, default=200_000, help="operand pairs per real-operand set")
+    p.add_argument("--seed", type=int, default=default["seed"], help="random seed (synthetic operands, sampling)")
+    p.add_argument("--max-bits", type=int, default=default["max_bits"],
+                   help="largest mantissa width k enumerated exhaustively (<= 10)")
+    p.add_argument("--n-pairs", type=int, default=default["n_pairs"], help="operand pairs per real-operand set")
     p.add_argument("--operands", help="a .pt file of captured operand pairs (as written to OUT/operands.pt)")
     p.add_argument("--model", help="capture operands from this Hugging Face model directory or .gguf file")
     p.add_argument("--prompts", help="prompts for --model: .jsonl (field question, e.g. GSM8K), .json or .txt")
-    p.add_argument("--max-prompts", type=int, default=16, help="prompts used for capture")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per prompt for capture")
+    p.add_argument("--max-prompts", type=int, default=default["max_prompts"], help="prompts used for capture")
+    p.add_argument("--max-tokens", type=int, default=default["max_tokens"], help="tokens per prompt for capture")
     p.add_argument("--layers", type=_layers, default=None,
                    help="layers to capture, e.g. 0,15,29 (default first/mid/last)")
     p.set_defaults(func=_run_analyze)
