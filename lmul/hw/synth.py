@@ -1,0 +1,143 @@
+"""Gate counts of the generated units with Yosys + ABC, and the L-Mul / multiplier table.
+
+Each unit is synthesised flat (``synth -flatten -noabc``) and mapped by ABC to two simple
+gate libraries:
+
+* ``gates``: 2-input AND, NAND, OR, NOR, XOR, XNOR and NOT (``abc -g AND,NAND,OR,NOR,XOR,XNOR``).
+  From this mapping we report the cell count, the logic depth (``ltp -noff``: gates on the
+  longest input-to-output path), the **paper-convention gate count** — 1 per AND/NAND/OR/NOR/NOT,
+  4 per XOR/XNOR, the weights under the paper's full adder = 11 (2 XOR + 2 AND + OR) and half
+  adder = 5 (XOR + AND), SPEC §6 — and an area estimate from Nangate 45 nm X1 cell areas
+  (:data:`AREA_UM2`, not a placed-and-routed area).
+* ``nand``: 2-input NAND and NOT only (``abc -g NAND``): NAND2 + NOT cells, the textbook
+  "NAND-equivalent" count.
+
+Counts are ABC's heuristic result for this Verilog (yosys 0.23 tested), not a proven minimum.
+The paper's numbers (SPEC §6) are pencil estimates of the datapath; see ``docs/hardware.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmul.hw.rtl import UnitSpec, verilog
+
+__all__ = ["AREA_UM2", "PAPER_WEIGHT", "PAPER_GATES", "SynthResult", "have_yosys", "synthesize", "table",
+           "TABLE_FORMATS", "paper_lmul_formula"]
+
+# paper-convention weights (SPEC §6: full adder 11 = 2 XOR(4) + 2 AND + OR, half adder 5 = XOR + AND)
+PAPER_WEIGHT = {"AND": 1, "NAND": 1, "OR": 1, "NOR": 1, "NOT": 1, "XOR": 4, "XNOR": 4}
+# Nangate 45 nm open cell library, X1 drive strength, cell area in um^2
+AREA_UM2 = {"AND": 1.064, "NAND": 0.798, "OR": 1.064, "NOR": 0.798, "NOT": 0.532, "XOR": 1.596, "XNOR": 1.596}
+# the paper's gate counts (arXiv:2410.00907 §2.3.2, SPEC §6), keyed by (unit, format name)
+PAPER_GATES = {("lmul", "e4m3"): 157, ("lmul", "e5m2"): 157, ("lmul", "e5m6"): 201, ("lmul", "fp16"): 256,
+               ("fpmul", "e4m3"): 325, ("fpmul", "e5m2"): 296, ("fpmul", "fp16"): 584}
+TABLE_FORMATS = ("e4m3", "e5m2", "e5m6", "bf16", "fp16", "fp32")
+
+
+def paper_lmul_formula(spec: UnitSpec) -> int:
+    """The paper's L-Mul estimate: sign XOR 4 + (E+m)-bit adder (5 + 11 (E+m-1)) + 8-bit
+    exponent-offset adder 82 (SPEC §6; gives 157 for fp8, 201 for e5m6, 245 for fp16)."""
+    k = spec.fmt.exp_bits + spec.fmt.man_bits
+    return 4 + 5 + 11 * (k - 1) + 82
+
+
+def have_yosys() -> bool:
+    return shutil.which("yosys") is not None
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    spec: UnitSpec
+    cells: dict[str, int]      # "gates" mapping, by type (AND, NAND, OR, NOR, XOR, XNOR, NOT)
+    depth: int                 # gates on the longest path ("gates" mapping)
+    nand_cells: int            # NAND2 + NOT cells of the "nand" mapping
+
+    @property
+    def total_cells(self) -> int:
+        return sum(self.cells.values())
+
+    @property
+    def paper_gates(self) -> int:
+        return sum(PAPER_WEIGHT[k] * v for k, v in self.cells.items())
+
+    @property
+    def area_um2(self) -> float:
+        return sum(AREA_UM2[k] * v for k, v in self.cells.items())
+
+
+def _yosys(spec: UnitSpec, gates: str, tmp: Path) -> tuple[dict[str, int], int]:
+    (tmp / "unit.v").write_text(verilog(spec))
+    script = (f"read_verilog unit.v; synth -flatten -noabc -top {spec.name}; abc -g {gates}; opt_clean; "
+              "tee -q -o stat.json stat -json; tee -q -o ltp.txt ltp -noff")
+    proc = subprocess.run(["yosys", "-q", "-p", script], cwd=tmp, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"yosys failed on {spec.name}:\n{proc.stdout}\n{proc.stderr}")
+    stat = json.loads((tmp / "stat.json").read_text())["design"]["num_cells_by_type"]
+    cells = {k.strip("$_"): v for k, v in stat.items()}
+    unknown = set(cells) - set(PAPER_WEIGHT)
+    if unknown:
+        raise RuntimeError(f"unexpected cell types after mapping {spec.name}: {sorted(unknown)}")
+    depth = 0
+    for line in (tmp / "ltp.txt").read_text().splitlines():
+        if "Longest topological path" in line:
+            depth = int(line.split("length=")[1].split(")")[0])
+    return cells, depth
+
+
+def synthesize(spec: UnitSpec) -> SynthResult:
+    """Synthesise ``spec``'s unit with Yosys/ABC (see the module docstring)."""
+    if not have_yosys():
+        raise RuntimeError("yosys is not installed: run `make hw-deps` (apt-get install iverilog yosys)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cells, depth = _yosys(spec, "AND,NAND,OR,NOR,XOR,XNOR", Path(tmp))
+        nand, _ = _yosys(spec, "NAND", Path(tmp))
+    return SynthResult(spec, cells, depth, sum(nand.values()))
+
+
+def _row(label: str, r: SynthResult, ref: SynthResult | None, paper: str) -> str:
+    c = r.cells
+    mix = " ".join(f"{k}:{c[k]}" for k in PAPER_WEIGHT if c.get(k))
+    ratio = f"{r.paper_gates / ref.paper_gates:.2f}" if ref is not None else ""
+    return (f"| {r.spec.fmt.name} | {label} | `{r.spec.name}` | {r.total_cells} | {r.paper_gates} | {r.nand_cells} | "
+            f"{r.depth} | {r.area_um2:.1f} | {ratio} | {paper} | {mix} |")
+
+
+def table(formats: tuple[str, ...] = TABLE_FORMATS, progress: bool = False) -> str:
+    """The Markdown synthesis table: per format, the L-Mul unit, the paper-comparable multiplier
+    (RNE to m bits, subnormals flushed: same output width as L-Mul) and the SPEC-exact multiplier
+    (all 2m+1 fraction bits, subnormal operands). Ratio = L-Mul / that multiplier, paper gates."""
+    from lmul import __version__
+
+    yv = subprocess.run(["yosys", "-V"], capture_output=True, text=True).stdout.strip() if have_yosys() else "?"
+    lines = [
+        f"Generated by `python -m lmul rtl --synth-table` (lmul {__version__}, {yv}).",
+        "",
+        "| fmt | unit | module | cells | paper gates | NAND2+NOT | depth | area µm² (45 nm) | L-Mul / this | paper | "
+        "cell mix |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in formats:
+        units = [("L-Mul", UnitSpec.make(name, "lmul")),
+                 ("multiplier, RNE, FTZ", UnitSpec.make(name, "fpmul", rounding="rne", subnormals=False)),
+                 ("multiplier, exact, subnormals", UnitSpec.make(name, "fpmul"))]
+        results = []
+        for label, spec in units:
+            if progress:
+                print(f"synthesising {spec.name} ...", flush=True)
+            results.append((label, synthesize(spec)))
+        lm = results[0][1]
+        for label, r in results:
+            key = (r.spec.unit, r.spec.fmt.name)
+            paper = str(PAPER_GATES.get(key, "—"))
+            if r.spec.unit == "lmul":
+                paper += f" (formula {paper_lmul_formula(r.spec)})"
+            elif not (r.spec.rounding == "rne" and not r.spec.subnormals):
+                paper = ""
+            lines.append(_row(label, r, None if r is lm else lm, paper))
+    return "\n".join(lines) + "\n"
