@@ -145,7 +145,7 @@ def test_random_16bit_vs_lmul_mul(fmt, unit, mode):
 
 
 @needs_iverilog
-@pytest.mark.parametrize("fmt", ["e2m1", "e3m2", "e2m5", "e3m4", "e6m1"])
+@pytest.mark.parametrize("fmt", ["e2m1", "e3m2", "e3m4", "e6m1"])
 def test_exhaustive_small_formats_vs_lmul_mul(fmt):
     # e3m4: m = 4, C = 2, so S = ma + mb + C reaches 2 2^m (the q = 2 carry of SPEC §2)
     f = Format.parse(fmt)
