@@ -231,6 +231,61 @@ def test_generated_verilog_compiles_without_warnings(tmp_path):
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
+# --- MAC lane: product unit + IEEE binary32 adder ------------------------------------------------
+def f32(bits: np.ndarray) -> torch.Tensor:
+    u32 = (np.asarray(bits, np.int64) & 0xFFFFFFFF).astype(np.uint32)
+    return torch.from_numpy(u32.view(np.int32)).view(torch.float32)
+
+
+@needs_iverilog
+def test_fadd_f32_vs_torch_add():
+    from lmul.hw.mac import simulate_fadd
+
+    rng = np.random.default_rng(11)
+    n = 20_000
+    ex = rng.integers(0, 256, n)
+    ey = np.clip(ex + rng.integers(-30, 31, n), 0, 255)               # mostly close exponents
+    ey = np.where(rng.random(n) < 0.2, rng.integers(0, 256, n), ey)  # some far apart
+    ex, ey = np.where(rng.random(n) < 0.05, 0, ex), np.where(rng.random(n) < 0.05, 0, ey)  # subnormals
+
+    def pattern(field):
+        return (rng.integers(0, 2, n) << 31) | (field << 23) | rng.integers(0, 1 << 23, n)
+
+    x, y = pattern(ex), pattern(ey)
+    y = np.where(rng.random(n) < 0.1, x ^ (1 << 31), y)                                   # x + (-x)
+    y = np.where(rng.random(n) < 0.1, ((x ^ (1 << 31)) + rng.integers(-2, 3, n)) & 0xFFFFFFFF, y)
+    ref = f32(x) + f32(y)
+    got = f32(simulate_fadd(x, y).astype(np.int64))
+    assert same_bits(got, ref).all(), f"{int((~same_bits(got, ref)).sum())} mismatches"
+    tiny = (ref != 0) & (ref.abs() < 2.0**-126)
+    assert (ref == 0).sum() > 1000 and tiny.sum() > 50 and torch.isinf(ref).any() and torch.isnan(ref).any()
+
+
+@needs_iverilog
+@pytest.mark.parametrize("fmt,unit,mode", [("e4m3", "lmul", "bit"), ("e5m2", "fpmul", "exact"),
+                                           ("fp16", "lmul", "bit"), ("fp16", "fpmul", "exact")])
+def test_mac_lane_vs_lmul_mul(fmt, unit, mode):
+    from lmul.hw.mac import MacSpec, accumulator_mix, simulate_mac
+
+    lane = MacSpec(UnitSpec.make(fmt, unit))
+    a, b = random_pairs(lane.unit.fmt, 10_000, seed=4)
+    p = mul(torch_decode(a, fmt), torch_decode(b, fmt), fmt, mode)
+    acc = accumulator_mix(p.numpy(), seed=4)
+    ref = f32(acc) + p                                   # one float32 rounding, as an fp32 accumulator
+    got = f32(simulate_mac(lane, a, b, acc).astype(np.int64))
+    assert same_bits(got, ref).all(), f"{int((~same_bits(got, ref)).sum())} mismatches"
+    assert (ref == 0).sum() > 500  # exact cancellations happened
+
+
+def test_mac_lane_needs_float32_normal_products():
+    from lmul.hw.mac import MacSpec
+
+    with pytest.raises(ValueError, match="float32 normals"):
+        MacSpec(UnitSpec.make("bf16", "lmul"))
+    assert MacSpec(UnitSpec.make("e4m3", "lmul")).product_exponent_range() == (-12, 17)  # 2^-6 2^-6 .. 448 448
+    assert MacSpec(UnitSpec.make("fp16", "fpmul")).product_exponent_range() == (-48, 31)
+
+
 # --- synthesis ---------------------------------------------------------------------------------
 @needs_yosys
 def test_synthesis_counts_and_committed_table():
@@ -245,6 +300,7 @@ def test_synthesis_counts_and_committed_table():
     row = next(line for line in table.splitlines() if "`lmul_e4m3`" in line).split("|")
     assert [int(row[4]), int(row[5]), int(row[6]), int(row[7])] == [lm.total_cells, lm.paper_gates, lm.nand_cells,
                                                                     lm.depth]
+    assert "`mac_lmul_e4m3`" in table and "`fadd_f32`" in table
     for fmt in ("e4m3", "e5m2", "bf16", "fp16", "fp32"):
         assert f"`lmul_{fmt}`" in table and f"`fpmul_{fmt}_rne_ftz`" in table and f"`fpmul_{fmt}_exact`" in table
 

@@ -3,6 +3,7 @@
     lmul rtl --fmt e4m3 --unit lmul --out rtl/            # rtl/lmul_e4m3.v + rtl/tb_lmul_e4m3.v
     lmul rtl --fmt bf16 --unit fpmul --verify --n 1000000  # Icarus vs lmul.mul, bit for bit
     lmul rtl --fmt fp16 --unit fpmul --rounding rne --flush-subnormals --synth
+    lmul rtl --fmt e4m3 --unit lmul --mac --verify          # MAC lane: acc + product in float32
     lmul rtl --synth-table docs/hardware_table.md          # the L-Mul / multiplier table
 """
 
@@ -37,6 +38,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ValueError as err:  # a bad format/option combination: say which
+        raise SystemExit(f"lmul rtl: {err}") from err
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.synth_table:
         from lmul.hw.synth import table
 
@@ -44,12 +52,16 @@ def run(args: argparse.Namespace) -> int:
         _write_atomic(out, table(progress=True))
         print(f"wrote {out}")
         return 0
-    try:
-        spec = _spec(args)
-    except ValueError as err:
-        raise SystemExit(f"lmul rtl: {err}") from err
+    spec = _spec(args)
     did = False
-    if args.out:
+    if args.out and args.mac:
+        from lmul.hw.mac import MacSpec, mac_verilog
+
+        lane = MacSpec(spec)
+        _write_atomic(Path(args.out) / f"{lane.name}.v", mac_verilog(lane))
+        print(f"wrote {Path(args.out) / (lane.name + '.v')} (ports a, b, acc[32] -> out[32], float32)")
+        did = True
+    elif args.out:
         from lmul.hw.sim import testbench
 
         out = Path(args.out)
@@ -60,15 +72,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"output value = (-1)^s (1 + f/2^{spec.out_frac_bits}) 2^(e - {spec.out_bias}); flags nan > inf > zero")
         did = True
     if args.verify:
-        from lmul.hw.verify import verify
+        from lmul.hw.verify import verify, verify_mac
 
         t0 = time.perf_counter()
-        report = verify(spec, n=args.n, seed=args.seed)
+        report = (verify_mac if args.mac else verify)(spec, n=args.n, seed=args.seed)
         print(f"{report}  ({time.perf_counter() - t0:.1f} s)")
         did = True
         if not report.ok:
             return 1
-    if args.synth:
+    if args.synth and args.mac:
+        from lmul.hw.mac import MacSpec, mac_verilog
+        from lmul.hw.synth import PAPER_WEIGHT, gate_counts
+
+        lane = MacSpec(spec)
+        cells, depth = gate_counts(mac_verilog(lane), lane.name)
+        gates = sum(PAPER_WEIGHT[k] * v for k, v in cells.items())
+        print(f"{lane.name}: {sum(cells.values())} cells {cells}, paper gates {gates}, depth {depth}")
+        did = True
+    elif args.synth:
         from lmul.hw.synth import synthesize
 
         r = synthesize(spec)
@@ -76,7 +97,12 @@ def run(args: argparse.Namespace) -> int:
               f"NAND2+NOT {r.nand_cells}, depth {r.depth}, area {r.area_um2:.1f} um^2")
         did = True
     if not did:
-        sys.stdout.write(verilog(spec))
+        if args.mac:
+            from lmul.hw.mac import MacSpec, mac_verilog
+
+            sys.stdout.write(mac_verilog(MacSpec(spec)))
+        else:
+            sys.stdout.write(verilog(spec))
     return 0
 
 
@@ -96,6 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "else --n random pairs")
     p.add_argument("--n", type=int, default=1_000_000, help="random pairs for --verify of wider formats")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pairs")
+    p.add_argument("--mac", action="store_true",
+                   help="the MAC lane around the unit (out = acc + product in float32) for --out/--verify/--synth")
     p.add_argument("--synth", action="store_true", help="synthesise with Yosys and print gate counts")
     p.add_argument("--synth-table", metavar="FILE", default=None,
                    help="synthesise every unit of the table's formats and write the Markdown table to FILE")

@@ -24,7 +24,7 @@ import numpy as np
 from lmul.hw.rtl import UnitSpec, verilog
 from lmul.hw.sim import _require_iverilog, _run
 
-__all__ = ["MacSpec", "mac_verilog", "fadd_verilog", "simulate_mac", "simulate_fadd"]
+__all__ = ["MacSpec", "accumulator_mix", "fadd_verilog", "mac_verilog", "simulate_fadd", "simulate_mac"]
 
 _F32_BIAS, _F32_EMIN, _F32_EMAX, _F32_M = 127, -126, 127, 23
 
@@ -226,3 +226,23 @@ def simulate_fadd(x_bits: np.ndarray, y_bits: np.ndarray, workdir: Optional[Path
     if len(lines) != len(xs):
         raise RuntimeError(f"simulation wrote {len(lines)} results for {len(xs)} inputs")
     return np.array([int(w, 16) for w in lines], dtype=np.uint32)
+
+
+def accumulator_mix(products: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Accumulator bit patterns (int64 holding uint32) that exercise the adder around each
+    float32 product: a fifth each of random bit patterns (every class, huge exponent gaps),
+    exact negations (cancellation to +0), the product scaled by a random factor 2^-30..2^30,
+    subnormals, and the negated product nudged by a few ulps (massive cancellation)."""
+    rng = np.random.default_rng(seed)
+    p = np.asarray(products, dtype=np.float32)
+    n = p.size
+    pb = p.view(np.int32).astype(np.int64) & 0xFFFFFFFF
+    kind = rng.integers(0, 5, n)
+    rand = rng.integers(0, 1 << 32, n, dtype=np.int64)
+    neg = pb ^ 0x80000000
+    factor = rng.standard_normal(n).astype(np.float32) * np.exp2(rng.integers(-30, 31, n)).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = (p * factor).view(np.int32).astype(np.int64) & 0xFFFFFFFF
+    sub = rng.integers(0, 1 << 23, n, dtype=np.int64) | (rng.integers(0, 2, n, dtype=np.int64) << 31)
+    near = (neg + rng.integers(-3, 4, n)) & 0xFFFFFFFF
+    return np.select([kind == 0, kind == 1, kind == 2, kind == 3], [rand, neg, scaled, sub], near)

@@ -22,7 +22,7 @@ from lmul.hw.rtl import UnitSpec
 from lmul.hw.sim import SimResult, all_pairs, decode_operand, random_pairs, simulate
 from lmul.ops import mul
 
-__all__ = ["Report", "float64_reference", "compare", "verify"]
+__all__ = ["Report", "float64_reference", "compare", "verify", "verify_mac"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,33 @@ def verify(spec: UnitSpec, n: int = 100_000, seed: int = 0) -> Report:
     pairs (wider formats) and compare with the oracle."""
     a, b = all_pairs(spec.fmt) if spec.fmt.bits <= 8 else random_pairs(spec.fmt, n, seed)
     return compare(simulate(spec, a, b), a, b)
+
+
+def verify_mac(spec: UnitSpec, n: int = 100_000, seed: int = 0) -> Report:
+    """Simulate the MAC lane around ``spec`` (``lmul`` or exact ``fpmul`` with subnormals) on
+    ``n`` random operand pairs (all pairs for <= 8-bit formats if ``n`` covers them) with
+    accumulators from :func:`lmul.hw.mac.accumulator_mix`, against ``acc + lmul.mul(a, b)``
+    in torch float32 (int32 views; NaN as NaN)."""
+    from lmul.hw.mac import MacSpec, accumulator_mix, simulate_mac
+
+    lane = MacSpec(spec)
+    if spec.unit == "fpmul" and not (spec.rounding == "exact" and spec.subnormals):
+        raise ValueError("verify_mac compares with lmul.mul: use the lmul unit or the exact fpmul with subnormals")
+    if spec.fmt.bits <= 8 and n >= 1 << (2 * spec.fmt.bits):
+        a, b = all_pairs(spec.fmt)
+    else:
+        a, b = random_pairs(spec.fmt, n, seed)
+    mode = "bit" if spec.unit == "lmul" else "exact"
+    x = torch.from_numpy(decode_operand(a, spec.fmt)).float()
+    y = torch.from_numpy(decode_operand(b, spec.fmt)).float()
+    p = mul(x, y, spec.fmt, mode, spec.offset)
+    acc = accumulator_mix(p.numpy(), seed)
+    acc_t = torch.from_numpy(acc.astype(np.uint32).view(np.int32)).view(torch.float32)
+    ref = (acc_t + p).numpy()
+    got = simulate_mac(lane, a, b, acc).view(np.float32)
+    bad = _mismatch(got, ref, np.int32)
+    idx = np.flatnonzero(bad)
+    examples = [f"a=0x{a[i]:x} b=0x{b[i]:x} acc={acc_t[i].item()!r}: rtl {got[i]!r}, oracle {ref[i]!r}"
+                for i in idx[:5]]
+    return Report(spec, int(a.size), f"float32 acc + lmul.mul(mode={mode!r}) [MAC lane {lane.name}]", int(idx.size),
+                  examples)
