@@ -5,7 +5,7 @@ PIP     := $(VENV)/bin/pip
 PYTHON  := $(VENV)/bin/python
 EXTRAS  ?= test,eval
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean hw-deps hw-verify hw-table
 
 $(VENV)/bin/activate:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,25 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check lmul tests benchmarks
+
+# hardware (lmul.hw, docs/hardware.md): Icarus Verilog + Yosys from Debian; tests/test_hw.py skips without them
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+hw-deps:
+	command -v iverilog >/dev/null && command -v yosys >/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iverilog yosys)
+
+# every operand pair of e4m3/e5m2, 10^6 random pairs of bf16/fp16, each unit and MAC lane against its oracle
+hw-verify: install hw-deps
+	for f in e4m3 e5m2 bf16 fp16; do for u in lmul fpmul; do \
+		$(VENV)/bin/lmul rtl --fmt $$f --unit $$u --verify --n 1000000 || exit 1; done; done
+	for f in e4m3 e5m2; do for o in "--rounding rne" "--rounding rne --flush-subnormals"; do \
+		$(VENV)/bin/lmul rtl --fmt $$f --unit fpmul $$o --verify || exit 1; done; done
+	for f in e4m3 e5m2 fp16; do for u in lmul fpmul; do \
+		$(VENV)/bin/lmul rtl --fmt $$f --unit $$u --mac --verify --n 1000000 || exit 1; done; done
+
+# the synthesis table of docs/hardware.md
+hw-table: install hw-deps
+	$(VENV)/bin/lmul rtl --synth-table docs/hardware_table.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

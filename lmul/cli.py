@@ -12,6 +12,7 @@ from typing import Optional
 _COMMAND_MODULES = [
     "lmul.demo",
     "lmul.analysis.commands",
+    "lmul.hw.cli",
 ]
 
 
