@@ -127,11 +127,15 @@ class LMulConfig:
 
     @property
     def tag(self) -> str:
-        """A short string for logs and file names: the preset name when the config is exactly a
-        preset, else ``scope-fmt-mode`` plus the non-default options (``attention-e8m3-bit-trunc``)."""
+        """A short string for logs and file names: the preset name when the config is a preset
+        (plus ``-L...`` for a layer selection), else ``scope-fmt-mode`` plus the non-default options
+        (``attention-e8m3-bit-trunc``)."""
+        layers = ""
+        if self.layers is not None:
+            layers = "-L" + "_".join(re.sub(r"[^A-Za-z0-9]+", "", str(x)) or "x" for x in self.layers)
         for name, kwargs in PRESETS.items():
-            if self == LMulConfig(**kwargs):
-                return name
+            if self.replace(layers=None) == LMulConfig(**kwargs):
+                return name + layers
         parts = [self.scope, self.fmt, self.mode]
         if self.offset is not None:
             parts.append(f"c{self.offset:g}")
@@ -141,9 +145,7 @@ class LMulConfig:
             parts.append(f"acc{self.acc}" + (f"x{self.acc_block}" if self.acc_block != 1 else ""))
         if self.backend != "auto":
             parts.append(self.backend)
-        if self.layers is not None:
-            parts.append("L" + "_".join(re.sub(r"[^A-Za-z0-9]+", "", str(x)) or "x" for x in self.layers))
-        return "-".join(parts)
+        return "-".join(parts) + layers
 
     def matmul_kwargs(self) -> dict:
         """Keyword arguments for :func:`lmul.matmul`."""

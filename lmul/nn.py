@@ -141,7 +141,7 @@ class LMulLinear(nn.Module):
             return w if self.transposed else w.t()
         key = (w._version, w.device, w.dtype, w.data_ptr())
         if self._cache is None or self._cache[0] != key:
-            wt = (w.detach() if self.transposed else w.detach().t()).float().contiguous()
+            wt = (w.detach() if self.transposed else w.detach().t()).float()
             self._cache = (key, quantize(wt, self.config.fmt, self.config.rounding))  # [in, out] float32
         return self._cache[1]
 
