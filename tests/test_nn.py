@@ -24,6 +24,9 @@ from lmul.nn import (
     repeat_kv,
 )
 
+needs_transformers = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("transformers") is None, reason="needs transformers (the hf extra)")
+
 CONFIGS = [  # (fmt, mode, rounding)
     ("bf16", "bit", "rne"), ("bf16", "formula", "rne"), ("bf16", "exact", "rne"),
     ("e4m3", "bit", "rne"), ("e4m3", "exact", "rne"), ("e5m2", "bit", "rne"),
@@ -72,6 +75,7 @@ def test_linear_half_precision_rounds_once_to_the_model_dtype(dtype):
     assert ((y.double() - exact).abs() <= bound + ulp).all()
 
 
+@needs_transformers
 def test_conv1d_is_a_transposed_linear():
     from transformers.pytorch_utils import Conv1D
 
@@ -184,6 +188,7 @@ def test_attention_rejects_sinks_and_bad_heads():
 EXACT = LMulConfig(fmt="fp32", mode="exact", scope="all")
 
 
+@needs_transformers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cls_name,unit_offset", [("LlamaRMSNorm", False), ("Qwen3RMSNorm", False),
                                                   ("Gemma2RMSNorm", True), ("Gemma3RMSNorm", True)])
@@ -234,6 +239,7 @@ def test_layernorm_exact_mode_close_to_torch_and_bit_mode_composition():
     assert torch.equal(got, want)
 
 
+@needs_transformers
 def test_gated_mlp():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
@@ -264,6 +270,7 @@ def _rotate_half(x):
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
 
 
+@needs_transformers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_products_go_through_lmul(dtype):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -286,6 +293,7 @@ def test_rotary_products_go_through_lmul(dtype):
     assert not torch.equal(lq, pq)
 
 
+@needs_transformers
 def test_rotary_factor_only_changes_tensor_products():
     rotary, x, pos, q, _ = _rotary_inputs()
     with torch.no_grad():

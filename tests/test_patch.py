@@ -146,6 +146,21 @@ def test_config_errors_name_the_value(kwargs, match):
         LMulConfig(**kwargs)
 
 
+def test_cli_options_come_from_the_fields():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    LMulConfig.add_arguments(parser)
+    assert LMulConfig.from_arguments(parser.parse_args([])) == LMulConfig()
+    ns = parser.parse_args(["--preset", "lmul-k3", "--layers", "0,lm_head", "--acc-block", "4", "--acc", "e4m3"])
+    assert LMulConfig.from_arguments(ns) == LMulConfig(fmt="e8m3", rounding="trunc", layers=(0, "lm_head"),
+                                                       acc="e4m3", acc_block=4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "fast"])
+    help_text = parser.format_help()
+    assert "--acc-block" in help_text and "Mitchell" in help_text
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown LMulConfig preset 'lmul-k9'"):
         LMulConfig.from_name("lmul-k9")
