@@ -59,6 +59,7 @@ def products(seq: int, scope: str) -> tuple[int, int]:
 
 
 def timed(model, ids, repeat: int) -> float:
+    """Median wall time of ``repeat`` no-grad forwards."""
     times = []
     with torch.no_grad():
         for _ in range(repeat):
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
     ap.add_argument("--patch-layers", default=None,
                     help="comma-separated block indices to patch (default: all; then nothing is extrapolated)")
     ap.add_argument("--backend", default="auto", help="lmul.matmul backend")
-    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions of the exact model (median)")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved timed repetitions per arm (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=None, help="write the results JSON here (atomically)")
     args = ap.parse_args(argv)
@@ -84,24 +85,35 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     model = build(args.layers)
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (1, args.seq), generator=torch.Generator().manual_seed(1))
-    timed(model, ids, 1)  # warm-up
-    t_exact = timed(model, ids, args.repeat)
     patch_layers = None if args.patch_layers is None else tuple(int(x) for x in args.patch_layers.split(","))
+    arms = args.arms.split(",")
+    configs = {arm: LMulConfig.from_name(arm, backend=args.backend, layers=patch_layers) for arm in arms}
+    timed(model, ids, 1)  # warm-up
+    for cfg in configs.values():  # warm-up: one-time costs (compiling a backend) are not timed
+        with lmul.patch(model, cfg):
+            timed(model, ids[:, :8], 1)
+    # interleaved repetitions (exact, arm 1, arm 2, ...) so that machine load affects all alike
+    times: dict[str, list[float]] = {"exact": [], **{arm: [] for arm in configs}}
+    for _ in range(args.repeat):
+        times["exact"].append(timed(model, ids, 1))
+        for arm, cfg in configs.items():
+            with lmul.patch(model, cfg):
+                times[arm].append(timed(model, ids, 1))
+    t_exact = statistics.median(times["exact"])
     results = dict(
         model="SmolLM2-135M-sized Llama (random weights)", layers=args.layers, seq=args.seq, dtype="float32",
         device="cpu", threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
         cpus=os.cpu_count(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        torch=torch.__version__, lmul=lmul.__version__, exact_s=t_exact, arms={},
+        torch=torch.__version__, lmul=lmul.__version__, repeat=args.repeat, exact_s=t_exact,
+        exact_all_s=times["exact"], arms={},
     )
-    print(f"exact forward: {t_exact:.3f} s ({args.layers} layers, {args.seq} tokens, "
+    print(f"exact forward: {t_exact:.3f} s median of {times['exact']} ({args.layers} layers, {args.seq} tokens, "
           f"{torch.get_num_threads()} threads)")
-    for arm in args.arms.split(","):
-        cfg = LMulConfig.from_name(arm, backend=args.backend, layers=patch_layers)
+    for arm, cfg in configs.items():
         spec = MatmulSpec(lmul.Format.parse(cfg.fmt), cfg.mode, 0.0, cfg.rounding, None, 1)
         backend = resolve_backend(torch.zeros(1, 1, 1), spec, cfg.backend)
-        with lmul.patch(model, cfg):
-            t_arm = timed(model, ids, 1)
-        row = dict(config=cfg.tag, backend=backend, measured_s=t_arm, measured_ratio=t_arm / t_exact)
+        t_arm = statistics.median(times[arm])
+        row = dict(config=cfg.tag, backend=backend, measured_s=t_arm, all_s=times[arm], measured_ratio=t_arm / t_exact)
         if patch_layers is not None:
             per_block, head = products(args.seq, cfg.scope)
             extra_per_product = (t_arm - t_exact) / (per_block * len(patch_layers))

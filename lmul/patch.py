@@ -32,14 +32,14 @@ _SUPPORTED_ORIGINAL = ("eager", "sdpa")  # implementations the patch can replace
 
 # Element-wise products (scope="all"): module classes whose forward we know and re-express.
 # Unknown classes with the same shape of job raise instead of guessing (see _elementwise).
-_GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP", "SmolLM3MLP"}
+_GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP"}
 _RMSNORMS = {  # class -> unit_offset (Gemma multiplies by 1 + w)
     "LlamaRMSNorm": False, "MistralRMSNorm": False, "Qwen2RMSNorm": False, "Qwen3RMSNorm": False,
-    "SmolLM3RMSNorm": False, "Gemma2RMSNorm": True, "Gemma3RMSNorm": True,
+    "Gemma2RMSNorm": True, "Gemma3RMSNorm": True,
 }
 _ROTARIES = {  # rotary embedding modules whose (cos, sin) feed the Llama-layout apply_rotary_pos_emb
     "LlamaRotaryEmbedding", "MistralRotaryEmbedding", "Qwen2RotaryEmbedding", "Qwen3RotaryEmbedding",
-    "Gemma2RotaryEmbedding", "Gemma3RotaryEmbedding", "SmolLM3RotaryEmbedding",
+    "Gemma2RotaryEmbedding", "Gemma3RotaryEmbedding",
 }
 
 
