@@ -8,7 +8,9 @@ With a slow backend (the float64 reference) a full patched forward takes hours, 
 ``--patch-layers`` patches only some decoder blocks and the script *extrapolates* the full-model
 time linearly in the number of L-Mul products (every block has the same shapes; the lm_head's
 products are counted separately). The output JSON says which figures are measured and which
-extrapolated.
+extrapolated. Exact and patched forwards are interleaved (exact, arm 1, arm 2, exact, ...) and the
+JSON gives the median ratio, the ratio of the minima and the median of per-repetition ratios: on a
+shared machine the minima are the least disturbed figures.
 
     python benchmarks/patch.py --seq 512 --arms lmul --patch-layers 0
     python benchmarks/patch.py --seq 512 --arms lmul,lmul-all          # full measurement (fast backend)
@@ -107,13 +109,16 @@ def main(argv=None) -> None:
         torch=torch.__version__, lmul=lmul.__version__, repeat=args.repeat, exact_s=t_exact,
         exact_all_s=times["exact"], arms={},
     )
-    print(f"exact forward: {t_exact:.3f} s median of {times['exact']} ({args.layers} layers, {args.seq} tokens, "
+    runs = [round(t, 3) for t in times["exact"]]
+    print(f"exact forward: {t_exact:.3f} s median of {runs} ({args.layers} layers, {args.seq} tokens, "
           f"{torch.get_num_threads()} threads)")
     for arm, cfg in configs.items():
         spec = MatmulSpec(lmul.Format.parse(cfg.fmt), cfg.mode, 0.0, cfg.rounding, None, 1)
         backend = resolve_backend(torch.zeros(1, 1, 1), spec, cfg.backend)
         t_arm = statistics.median(times[arm])
-        row = dict(config=cfg.tag, backend=backend, measured_s=t_arm, all_s=times[arm], measured_ratio=t_arm / t_exact)
+        pairs = [a / e for a, e in zip(times[arm], times["exact"], strict=True)]  # same repetition
+        row = dict(config=cfg.tag, backend=backend, measured_s=t_arm, all_s=times[arm], measured_ratio=t_arm / t_exact,
+                   min_ratio=min(times[arm]) / min(times["exact"]), median_paired_ratio=statistics.median(pairs))
         if patch_layers is not None:
             per_block, head = products(args.seq, cfg.scope)
             extra_per_product = (t_arm - t_exact) / (per_block * len(patch_layers))
