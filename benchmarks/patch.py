@@ -19,6 +19,7 @@ shared machine the minima are the least disturbed figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -106,7 +107,8 @@ def main(argv=None) -> None:
         model="SmolLM2-135M-sized Llama (random weights)", layers=args.layers, seq=args.seq, dtype="float32",
         device="cpu", threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
         cpus=os.cpu_count(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        torch=torch.__version__, lmul=lmul.__version__, repeat=args.repeat, exact_s=t_exact,
+        torch=torch.__version__, transformers=__import__("transformers").__version__, lmul=lmul.__version__,
+        seed=0, repeat=args.repeat, patch_layers=patch_layers, exact_s=t_exact,
         exact_all_s=times["exact"], arms={},
     )
     runs = [round(t, 3) for t in times["exact"]]
@@ -117,7 +119,8 @@ def main(argv=None) -> None:
         backend = resolve_backend(torch.zeros(1, 1, 1), spec, cfg.backend)
         t_arm = statistics.median(times[arm])
         pairs = [a / e for a, e in zip(times[arm], times["exact"], strict=True)]  # same repetition
-        row = dict(config=cfg.tag, backend=backend, measured_s=t_arm, all_s=times[arm], measured_ratio=t_arm / t_exact,
+        row = dict(config=cfg.tag, config_fields=dataclasses.asdict(cfg), backend=backend, measured_s=t_arm,
+                   all_s=times[arm], measured_ratio=t_arm / t_exact,
                    min_ratio=min(times[arm]) / min(times["exact"]), median_paired_ratio=statistics.median(pairs))
         if patch_layers is not None:
             per_block, head = products(args.seq, cfg.scope)
