@@ -1,0 +1,326 @@
+// lmul CPU kernels: fused quantize + operand preparation, and the bit-mode L-Matmul integer kernel.
+// Plain C++ (GCC/Clang vector extensions + OpenMP), loaded with ctypes by lmul/kernels/cpu_ext.py.
+// The math is in docs/kernels.md; the contract in docs/semantics.md (SPEC sections 1, 2, 4).
+//
+// float32 layout: [s|eeeeeeee|mmmmmmmmmmmmmmmmmmmmmmm]; a value of an m-bit format keeps its m-bit
+// mantissa field in the top m bits of the 23-bit field (the rest are zero).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+
+extern "C" {
+
+struct QParams {
+    int32_t man_bits;   // m
+    int32_t emin;       // smallest normal exponent of the format
+    int32_t trunc;      // 1: round toward zero, 0: round to nearest even
+    int32_t has_inf;    // IEEE-like format (inf kept) vs finite-only (inf saturates)
+    float fmax;         // largest finite value of the format
+};
+
+}  // extern "C"
+
+static inline uint32_t f2u(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+static inline float u2f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+
+// quantize one float32 to the format (saturating overflow), as lmul.formats.quantize; returns bits
+static inline uint32_t quant_bits(float x, const QParams& p) {
+    uint32_t bits = f2u(x);
+    uint32_t sign = bits & 0x80000000u, mag = bits & 0x7FFFFFFFu;
+    if (mag > 0x7F800000u) return 0x7FC00000u | sign;                       // NaN
+    if (mag == 0x7F800000u) return p.has_inf ? bits : (f2u(p.fmax) | sign);  // inf
+    int32_t field = (int32_t)(mag >> 23);
+    int32_t e = std::max(field, 1) - 127;
+    uint32_t sig = (mag & 0x7FFFFFu) | ((field > 0 ? 1u : 0u) << 23);  // |x| = sig 2^(e-23)
+    int32_t shift = 23 - p.man_bits + std::max(p.emin - e, 0);
+    shift = std::min(shift, 25);
+    uint32_t q = sig >> shift;
+    if (!p.trunc && shift > 0) {
+        uint32_t rem = sig - (q << shift), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1u))) q += 1;
+    }
+    float out = (float)std::ldexp((double)q, std::max(e, p.emin) - p.man_bits);  // exact
+    if (out > p.fmax) out = p.fmax;
+    return f2u(out) | sign;
+}
+
+// a quantized value's status: 0 zero/subnormal (flushed by L-Mul), 1 normal, 2 inf/NaN
+static inline int kind_of(uint32_t qb, const QParams& p) {
+    uint32_t mag = qb & 0x7FFFFFFFu;
+    if (mag >= 0x7F800000u) return 2;
+    int32_t e = (int32_t)(mag >> 23) - 127;
+    return (mag != 0 && e >= p.emin && (mag >> 23) != 0) ? 1 : 0;
+}
+
+extern "C" {
+
+void lmul_quantize(const float* x, int64_t n, float* out, const QParams* p, int nt) {
+    const QParams q = *p;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = u2f(quant_bits(x[i], q));
+}
+
+// formula mode, left operand: out[r] = [X | X^] (rows x 2K); X flushed to 0 if zero/subnormal,
+// X^ = sign 2^xe (0 if flushed). rowflag[r] = 1 if the row holds inf/NaN (recomputed elsewhere).
+void lmul_prep_formula_a(const float* x, int64_t rows, int64_t K, float* out, uint8_t* rowflag,
+                         const QParams* p, int nt) {
+    const QParams q = *p;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * K;
+        float* o1 = out + r * 2 * K;
+        float* o2 = o1 + K;
+        uint8_t flag = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            uint32_t qb = quant_bits(xr[k], q);
+            int kd = kind_of(qb, q);
+            flag |= (kd == 2);
+            o1[k] = kd == 1 ? u2f(qb) : 0.0f;
+            o2[k] = kd == 1 ? u2f(qb & 0xFF800000u) : 0.0f;  // [s|e|0...0] = sign 2^e
+        }
+        rowflag[r] = flag;
+    }
+}
+
+// formula mode, right operand (K x N, row-major): out = [Y^ ; Y + (c-1) Y^] (2K x N) where
+// Y + (c-1) Y^ = sign (ym + c) 2^ye, exact in float32 when c is a multiple of 2^-23.
+void lmul_prep_formula_b(const float* y, int64_t K, int64_t N, float* out, uint8_t* colflag,
+                         const QParams* p, double c, int nt) {
+    const QParams q = *p;
+    std::memset(colflag, 0, (size_t)N);
+#pragma omp parallel num_threads(nt)
+    {
+        uint8_t* local = new uint8_t[N]();
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < K; ++k) {
+            const float* yr = y + k * N;
+            float* o1 = out + k * N;
+            float* o2 = out + (K + k) * N;
+            for (int64_t j = 0; j < N; ++j) {
+                uint32_t qb = quant_bits(yr[j], q);
+                int kd = kind_of(qb, q);
+                local[j] |= (kd == 2);
+                if (kd == 1) {
+                    float hat = u2f(qb & 0xFF800000u);
+                    o1[j] = hat;
+                    o2[j] = (float)((double)u2f(qb) + (c - 1.0) * (double)hat);  // exact
+                } else {
+                    o1[j] = 0.0f;
+                    o2[j] = 0.0f;
+                }
+            }
+        }
+#pragma omp critical
+        for (int64_t j = 0; j < N; ++j) colflag[j] |= local[j];
+        delete[] local;
+    }
+}
+
+// exact mode: quantize, zero the inf/NaN entries and flag their rows (left) / columns (right)
+void lmul_prep_exact(const float* x, int64_t rows, int64_t cols, float* out, uint8_t* rowflag,
+                     uint8_t* colflag, const QParams* p, int nt) {
+    const QParams q = *p;
+    std::memset(colflag, 0, (size_t)cols);
+#pragma omp parallel num_threads(nt)
+    {
+        uint8_t* local = new uint8_t[cols]();
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            uint8_t flag = 0;
+            for (int64_t j = 0; j < cols; ++j) {
+                uint32_t qb = quant_bits(x[r * cols + j], q);
+                bool bad = (qb & 0x7FFFFFFFu) >= 0x7F800000u;
+                flag |= bad;
+                local[j] |= bad;
+                out[r * cols + j] = bad ? 0.0f : u2f(qb);
+            }
+            rowflag[r] = flag;
+        }
+#pragma omp critical
+        for (int64_t j = 0; j < cols; ++j) colflag[j] |= local[j];
+        delete[] local;
+    }
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// bit mode, any m: P bits = (|X| + |Y| - ((127 << 23) - (c 2^m << (23 - m)))) with sign XOR,
+// valid while the product's exponent field stays in 1..254 (checked per tile, else exact scalar).
+// Left operand  ia = |X| - (127 << 23) + (off << (23 - m)) + (sx << 31)  (uint32, wraps), nz flag.
+// Right operand packed in strips of JS columns: vb[s][k][JS] = bits of Y (0.5f if flushed),
+// wb[s][k][JS] = 1.0f (normal) or 0.0f (zero/subnormal/inf/NaN/padding).
+// Since (sx << 31) + (sy << 31) == (sx ^ sy) << 31 mod 2^32, one integer add gives sign and
+// magnitude. A flushed Y gives ia + 0x3F000000, a finite float (field fx - 1 + carry) times 0.
+static const int KB = 256;       // k block (tile range checks are per row x k block x strip)
+static const int NV = 4;         // 16-lane vectors per strip
+static const int JS = 16 * NV;   // strip width
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(64)));
+
+static inline float bit_product_exact(uint32_t ab, uint32_t bb, int m, int off) {
+    // both normal and finite; the reference formula evaluated in double, rounded once
+    int fa = (int)((ab >> 23) & 0xFF), fb = (int)((bb >> 23) & 0xFF);
+    int ma = (int)((ab & 0x7FFFFFu) >> (23 - m)), mb = (int)((bb & 0x7FFFFFu) >> (23 - m));
+    int S = ma + mb + off, qc = S >> m;
+    int sig = S - (qc << m) + (1 << m);
+    float v = (float)std::ldexp((double)sig, (fa - 127) + (fb - 127) + qc - m);
+    return ((ab ^ bb) & 0x80000000u) ? -v : v;
+}
+
+extern "C" {
+
+int lmul_strip_width() { return JS; }
+int lmul_k_block() { return KB; }
+
+// left operand: rows x K -> ia, nz (rows x K), per (row, k block) min/max exponent field of the
+// normal entries (fmin > fmax when none), rowflag for inf/NaN rows.
+void lmul_prep_bit_a(const float* x, int64_t rows, int64_t K, uint32_t* ia, uint8_t* nz,
+                     int16_t* fmn, int16_t* fmx, uint8_t* rowflag, const QParams* p, int off, int nt) {
+    const QParams q = *p;
+    const int m = q.man_bits;
+    const int64_t nkb = (K + KB - 1) / KB;
+    const uint32_t addc = (uint32_t)off << (23 - m);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        uint8_t flag = 0;
+        for (int64_t b = 0; b < nkb; ++b) {
+            int lo = 1000, hi = -1000;
+            for (int64_t k = b * KB; k < std::min(K, (b + 1) * KB); ++k) {
+                uint32_t qb = quant_bits(x[r * K + k], q);
+                int kd = kind_of(qb, q);
+                flag |= (kd == 2);
+                if (kd == 1) {
+                    int f = (int)((qb >> 23) & 0xFF);
+                    lo = std::min(lo, f);
+                    hi = std::max(hi, f);
+                    ia[r * K + k] = (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u);
+                    nz[r * K + k] = 1;
+                } else {
+                    ia[r * K + k] = 0;
+                    nz[r * K + k] = 0;
+                }
+            }
+            fmn[r * nkb + b] = (int16_t)lo;
+            fmx[r * nkb + b] = (int16_t)hi;
+        }
+        rowflag[r] = flag;
+    }
+}
+
+// right operand: K x N -> packed vb, wb [ns][K][JS], per (k block, strip) min/max field, colflag
+void lmul_prep_bit_b(const float* y, int64_t K, int64_t N, uint32_t* vb, float* wb, int16_t* fmn,
+                     int16_t* fmx, uint8_t* colflag, const QParams* p, int nt) {
+    const QParams q = *p;
+    const int64_t ns = (N + JS - 1) / JS, nkb = (K + KB - 1) / KB;
+    std::memset(colflag, 0, (size_t)N);
+#pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+    for (int64_t s = 0; s < ns; ++s) {
+        for (int64_t b = 0; b < nkb; ++b) {
+            int lo = 1000, hi = -1000;
+            for (int64_t k = b * KB; k < std::min(K, (b + 1) * KB); ++k) {
+                uint32_t* vo = vb + (s * K + k) * JS;
+                float* wo = wb + (s * K + k) * JS;
+                for (int j = 0; j < JS; ++j) {
+                    int64_t col = s * JS + j;
+                    int kd = 0;
+                    uint32_t qb = 0;
+                    if (col < N) {
+                        qb = quant_bits(y[k * N + col], q);
+                        kd = kind_of(qb, q);
+                        if (kd == 2) colflag[col] = 1;  // benign race: every writer stores 1
+                    }
+                    if (kd == 1) {
+                        int f = (int)((qb >> 23) & 0xFF);
+                        lo = std::min(lo, f);
+                        hi = std::max(hi, f);
+                        vo[j] = qb;
+                        wo[j] = 1.0f;
+                    } else {
+                        vo[j] = 0x3F000000u;
+                        wo[j] = 0.0f;
+                    }
+                }
+            }
+            fmn[b * ns + s] = (int16_t)lo;
+            fmx[b * ns + s] = (int16_t)hi;
+        }
+    }
+}
+
+// C (rows_pad x ns*JS, zero-initialised by the caller) += bit-mode L-Matmul of the prepared
+// operands. rows_pad is a multiple of 4 (padding rows have nz = 0).
+void lmul_bit_matmul(const uint32_t* ia, const uint8_t* nz, const int16_t* afmn, const int16_t* afmx,
+                     int64_t rows_pad, int64_t K, const uint32_t* vb, const float* wb,
+                     const int16_t* bfmn, const int16_t* bfmx, int64_t ns, float* C, int m, int off,
+                     int nt) {
+    const int64_t nkb = (K + KB - 1) / KB, ldc = ns * JS, nquads = rows_pad / 4;
+    const uint32_t addc = (uint32_t)off << (23 - m);
+    // row quads in parallel; for each: k blocks outer (A block stays in L1), strips inner
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t qd = 0; qd < nquads; ++qd) {
+        const int64_t i0 = qd * 4;
+        for (int64_t b = 0; b < nkb; ++b) {
+            const int64_t k0 = b * KB, k1 = std::min(K, k0 + KB);
+            int alo = 1000, ahi = -1000;
+            for (int r = 0; r < 4; ++r) {
+                alo = std::min(alo, (int)afmn[(i0 + r) * nkb + b]);
+                ahi = std::max(ahi, (int)afmx[(i0 + r) * nkb + b]);
+            }
+            if (ahi < 0) continue;  // no normal entry in these rows and this k block
+            for (int64_t s = 0; s < ns; ++s) {
+                const int blo = bfmn[b * ns + s], bhi = bfmx[b * ns + s];
+                if (bhi < 0) continue;
+                float* crow[4];
+                for (int r = 0; r < 4; ++r) crow[r] = C + (i0 + r) * ldc + s * JS;
+                const bool fast = (ahi + bhi - 127 + 2 <= 254) && (alo + blo - 127 >= 1);
+                if (fast) {
+                    vf acc[4][NV];
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NV; ++v) std::memcpy(&acc[r][v], crow[r] + 16 * v, 64);
+                    for (int64_t k = k0; k < k1; ++k) {
+                        const vu* pb = (const vu*)(vb + (s * K + k) * JS);
+                        const vf* pw = (const vf*)(wb + (s * K + k) * JS);
+                        const uint8_t n0 = nz[i0 * K + k], n1 = nz[(i0 + 1) * K + k];
+                        const uint8_t n2 = nz[(i0 + 2) * K + k], n3 = nz[(i0 + 3) * K + k];
+                        if (n0 & n1 & n2 & n3) {
+                            vu a0 = (vu){} + ia[i0 * K + k], a1 = (vu){} + ia[(i0 + 1) * K + k];
+                            vu a2 = (vu){} + ia[(i0 + 2) * K + k], a3 = (vu){} + ia[(i0 + 3) * K + k];
+                            for (int v = 0; v < NV; ++v) {
+                                vu bv = pb[v];
+                                vf w = pw[v];
+                                acc[0][v] += (vf)(bv + a0) * w;
+                                acc[1][v] += (vf)(bv + a1) * w;
+                                acc[2][v] += (vf)(bv + a2) * w;
+                                acc[3][v] += (vf)(bv + a3) * w;
+                            }
+                        } else if (n0 | n1 | n2 | n3) {
+                            const uint8_t nn[4] = {n0, n1, n2, n3};
+                            for (int r = 0; r < 4; ++r) {
+                                if (!nn[r]) continue;
+                                vu a = (vu){} + ia[(i0 + r) * K + k];
+                                for (int v = 0; v < NV; ++v) acc[r][v] += (vf)(pb[v] + a) * pw[v];
+                            }
+                        }
+                    }
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NV; ++v) std::memcpy(crow[r] + 16 * v, &acc[r][v], 64);
+                } else {  // extreme exponents somewhere in this tile: exact scalar products
+                    for (int r = 0; r < 4; ++r) {
+                        for (int64_t k = k0; k < k1; ++k) {
+                            if (!nz[(i0 + r) * K + k]) continue;
+                            const uint32_t ab = ia[(i0 + r) * K + k] - addc + (127u << 23);
+                            const uint32_t* pb = vb + (s * K + k) * JS;
+                            const float* pw = wb + (s * K + k) * JS;
+                            for (int j = 0; j < JS; ++j)
+                                if (pw[j] != 0.0f) crow[r][j] += bit_product_exact(ab, pb[j], m, off);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // extern "C"
