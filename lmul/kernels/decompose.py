@@ -101,7 +101,8 @@ def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
     if spec.acc is not None:
         return f"reduced-precision accumulation (acc={spec.acc.name}) runs on the reference backend only"
     if spec.mode == "bit" and spec.fmt.man_bits > MAX_BIT_MAN_BITS:
-        return f"bit mode needs m <= {MAX_BIT_MAN_BITS} here (K grows by 2^m), {spec.fmt.name} has m={spec.fmt.man_bits}"
+        m = spec.fmt.man_bits
+        return f"bit mode needs m <= {MAX_BIT_MAN_BITS} here (K grows by 2^m), {spec.fmt.name} has m={m}"
     if spec.mode == "formula" and (spec.offset * 2**23) != int(spec.offset * 2**23):
         return f"formula mode needs the offset to be a multiple of 2^-23 (exact split), got {spec.offset!r}"
     return None

@@ -40,7 +40,11 @@ static inline uint32_t quant_bits(float x, const QParams& p) {
         uint32_t rem = sig - (q << shift), half = 1u << (shift - 1);
         if (rem > half || (rem == half && (q & 1u))) q += 1;
     }
-    float out = (float)std::ldexp((double)q, std::max(e, p.emin) - p.man_bits);  // exact
+    // q 2^(e' - m): q <= 2^24 converts exactly, the power of two is built from bits (2^-149 at
+    // least), and the product is representable, so the multiply is exact
+    int32_t pe = std::max(e, p.emin) - p.man_bits;
+    float scale = pe >= -126 ? u2f((uint32_t)(pe + 127) << 23) : u2f(1u << (pe + 149));
+    float out = (float)q * scale;
     if (out > p.fmax) out = p.fmax;
     return f2u(out) | sign;
 }
