@@ -142,6 +142,7 @@ def quantize_cpu(x: torch.Tensor, fmt: Format, rounding: str = "rne") -> torch.T
 
 
 def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -> tuple:
+    """One C call each for: left prep, right prep (packed strips), kernel; all batches at once."""
     bsz, m_rows, k = a.shape
     n = b.shape[-1]
     qp = ctypes.byref(_qparams(spec.fmt, spec.rounding))
@@ -152,27 +153,24 @@ def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -
     rows_pad = -(-m_rows // 4) * 4
     nt = _threads()
     i64 = ctypes.c_int64
-    out = torch.empty(bsz, m_rows, n, dtype=torch.float32)
-    rowflag = torch.zeros(bsz, rows_pad, dtype=torch.uint8)
-    colflag = torch.zeros(bsz, n, dtype=torch.uint8)
-    ia = torch.empty(rows_pad, k, dtype=torch.int32)
-    nz = torch.zeros(rows_pad, k, dtype=torch.uint8)
-    afmn = torch.full((rows_pad, nkb), 1000, dtype=torch.int16)
-    afmx = torch.full((rows_pad, nkb), -1000, dtype=torch.int16)
-    vb = torch.empty(ns, k, js, dtype=torch.int32)
-    wb = torch.empty(ns, k, js, dtype=torch.float32)
-    bfmn = torch.empty(nkb, ns, dtype=torch.int16)
-    bfmx = torch.empty(nkb, ns, dtype=torch.int16)
-    acc = torch.empty(rows_pad, ns * js, dtype=torch.float32)
-    for bi in range(bsz):
-        lib.lmul_prep_bit_a(_ptr(a[bi]), i64(m_rows), i64(k), _ptr(ia), _ptr(nz), _ptr(afmn), _ptr(afmx),
-                            _ptr(rowflag[bi]), qp, off, nt)
-        lib.lmul_prep_bit_b(_ptr(b[bi]), i64(k), i64(n), _ptr(vb), _ptr(wb), _ptr(bfmn), _ptr(bfmx),
-                            _ptr(colflag[bi]), qp, nt)
-        acc.zero_()
-        lib.lmul_bit_matmul(_ptr(ia), _ptr(nz), _ptr(afmn), _ptr(afmx), i64(rows_pad), i64(k), _ptr(vb), _ptr(wb),
-                            _ptr(bfmn), _ptr(bfmx), i64(ns), _ptr(acc), m, off, nt)
-        out[bi] = acc[:m_rows, :n]
+    rowflag = torch.empty(bsz, rows_pad, dtype=torch.uint8)
+    colflag = torch.empty(bsz, n, dtype=torch.uint8)
+    ia = torch.empty(bsz, rows_pad, k, dtype=torch.int32)
+    nz = torch.empty(bsz, rows_pad, k, dtype=torch.uint8)
+    afmn = torch.empty(bsz, rows_pad, nkb, dtype=torch.int16)
+    afmx = torch.empty(bsz, rows_pad, nkb, dtype=torch.int16)
+    vb = torch.empty(bsz, ns, k, js, dtype=torch.int32)
+    wb = torch.empty(bsz, ns, k, js, dtype=torch.float32)
+    bfmn = torch.empty(bsz, nkb, ns, dtype=torch.int16)
+    bfmx = torch.empty(bsz, nkb, ns, dtype=torch.int16)
+    acc = torch.empty(bsz, rows_pad, ns * js, dtype=torch.float32)
+    lib.lmul_prep_bit_a(_ptr(a), i64(bsz), i64(m_rows), i64(rows_pad), i64(k), _ptr(ia), _ptr(nz), _ptr(afmn),
+                        _ptr(afmx), _ptr(rowflag), qp, off, nt)
+    lib.lmul_prep_bit_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(vb), _ptr(wb), _ptr(bfmn), _ptr(bfmx),
+                        _ptr(colflag), qp, nt)
+    lib.lmul_bit_matmul(_ptr(ia), _ptr(nz), _ptr(afmn), _ptr(afmx), i64(bsz), i64(rows_pad), i64(k), _ptr(vb),
+                        _ptr(wb), _ptr(bfmn), _ptr(bfmx), i64(ns), _ptr(acc), m, off, nt)
+    out = acc if (rows_pad, ns * js) == (m_rows, n) else acc[:, :m_rows, :n]
     return out, rowflag[:, :m_rows].bool(), colflag.bool()
 
 
@@ -182,24 +180,21 @@ def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: c
     qp = ctypes.byref(_qparams(spec.fmt, spec.rounding))
     nt = _threads()
     i64 = ctypes.c_int64
-    rowflag = torch.zeros(bsz, m_rows, dtype=torch.uint8)
-    colflag = torch.zeros(bsz, n, dtype=torch.uint8)
+    rowflag = torch.empty(bsz, m_rows, dtype=torch.uint8)
+    colflag = torch.empty(bsz, n, dtype=torch.uint8)
     if spec.mode == "formula":
         left = torch.empty(bsz, m_rows, 2 * k, dtype=torch.float32)
         right = torch.empty(bsz, 2 * k, n, dtype=torch.float32)
         lib.lmul_prep_formula_a(_ptr(a), i64(bsz * m_rows), i64(k), _ptr(left), _ptr(rowflag), qp, nt)
-        for bi in range(bsz):
-            lib.lmul_prep_formula_b(_ptr(b[bi]), i64(k), i64(n), _ptr(right[bi]), _ptr(colflag[bi]), qp,
-                                    ctypes.c_double(spec.offset), nt)
+        lib.lmul_prep_formula_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(colflag), qp,
+                                ctypes.c_double(spec.offset), nt)
     else:
         left = torch.empty(bsz, m_rows, k, dtype=torch.float32)
         right = torch.empty(bsz, k, n, dtype=torch.float32)
-        junk_r = torch.zeros(max(1, bsz * k), dtype=torch.uint8)
-        junk_c = torch.zeros(max(1, k), dtype=torch.uint8)
-        lib.lmul_prep_exact(_ptr(a), i64(bsz * m_rows), i64(k), _ptr(left), _ptr(rowflag), _ptr(junk_c), qp, nt)
-        for bi in range(bsz):
-            lib.lmul_prep_exact(_ptr(b[bi]), i64(k), i64(n), _ptr(right[bi]), _ptr(junk_r), _ptr(colflag[bi]),
-                                qp, nt)
+        junk_r = torch.empty(bsz * k, dtype=torch.uint8)
+        junk_c = torch.empty(bsz * k, dtype=torch.uint8)
+        lib.lmul_prep_exact(_ptr(a), i64(bsz), i64(m_rows), i64(k), _ptr(left), _ptr(rowflag), _ptr(junk_c), qp, nt)
+        lib.lmul_prep_exact(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(junk_r), _ptr(colflag), qp, nt)
     return torch.matmul(left, right), rowflag.bool(), colflag.bool()
 
 

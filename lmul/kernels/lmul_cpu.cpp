@@ -87,24 +87,27 @@ void lmul_prep_formula_a(const float* x, int64_t rows, int64_t K, float* out, ui
     }
 }
 
-// formula mode, right operand (K x N, row-major): out = [Y^ ; Y + (c-1) Y^] (2K x N) where
-// Y + (c-1) Y^ = sign (ym + c) 2^ye, exact in float32 when c is a multiple of 2^-23.
-void lmul_prep_formula_b(const float* y, int64_t K, int64_t N, float* out, uint8_t* colflag,
+// formula mode, right operand (nb batches of K x N, row-major): out = [Y^ ; Y + (c-1) Y^]
+// (nb x 2K x N) where Y + (c-1) Y^ = sign (ym + c) 2^ye, exact in float32 when c is a multiple
+// of 2^-23. colflag[b * N + j] = 1 if that column holds inf/NaN.
+void lmul_prep_formula_b(const float* y, int64_t nb, int64_t K, int64_t N, float* out, uint8_t* colflag,
                          const QParams* p, double c, int nt) {
     const QParams q = *p;
-    std::memset(colflag, 0, (size_t)N);
+    std::memset(colflag, 0, (size_t)(nb * N));
 #pragma omp parallel num_threads(nt)
     {
-        uint8_t* local = new uint8_t[N]();
+        uint8_t* local = new uint8_t[nb * N]();
 #pragma omp for schedule(static)
-        for (int64_t k = 0; k < K; ++k) {
-            const float* yr = y + k * N;
-            float* o1 = out + k * N;
-            float* o2 = out + (K + k) * N;
+        for (int64_t bk = 0; bk < nb * K; ++bk) {
+            const int64_t b = bk / K, k = bk % K;
+            const float* yr = y + bk * N;
+            float* o1 = out + (b * 2 * K + k) * N;
+            float* o2 = out + (b * 2 * K + K + k) * N;
+            uint8_t* lf = local + b * N;
             for (int64_t j = 0; j < N; ++j) {
                 uint32_t qb = quant_bits(yr[j], q);
                 int kd = kind_of(qb, q);
-                local[j] |= (kd == 2);
+                lf[j] |= (kd == 2);
                 if (kd == 1) {
                     float hat = u2f(qb & 0xFF800000u);
                     o1[j] = hat;
@@ -116,33 +119,35 @@ void lmul_prep_formula_b(const float* y, int64_t K, int64_t N, float* out, uint8
             }
         }
 #pragma omp critical
-        for (int64_t j = 0; j < N; ++j) colflag[j] |= local[j];
+        for (int64_t j = 0; j < nb * N; ++j) colflag[j] |= local[j];
         delete[] local;
     }
 }
 
-// exact mode: quantize, zero the inf/NaN entries and flag their rows (left) / columns (right)
-void lmul_prep_exact(const float* x, int64_t rows, int64_t cols, float* out, uint8_t* rowflag,
+// exact mode: quantize nb batches of rows x cols, zero the inf/NaN entries and flag their rows
+// (rowflag[b * rows + r]) and columns (colflag[b * cols + j])
+void lmul_prep_exact(const float* x, int64_t nb, int64_t rows, int64_t cols, float* out, uint8_t* rowflag,
                      uint8_t* colflag, const QParams* p, int nt) {
     const QParams q = *p;
-    std::memset(colflag, 0, (size_t)cols);
+    std::memset(colflag, 0, (size_t)(nb * cols));
 #pragma omp parallel num_threads(nt)
     {
-        uint8_t* local = new uint8_t[cols]();
+        uint8_t* local = new uint8_t[nb * cols]();
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = 0; r < nb * rows; ++r) {
             uint8_t flag = 0;
+            uint8_t* lf = local + (r / rows) * cols;
             for (int64_t j = 0; j < cols; ++j) {
                 uint32_t qb = quant_bits(x[r * cols + j], q);
                 bool bad = (qb & 0x7FFFFFFFu) >= 0x7F800000u;
                 flag |= bad;
-                local[j] |= bad;
+                lf[j] |= bad;
                 out[r * cols + j] = bad ? 0.0f : u2f(qb);
             }
             rowflag[r] = flag;
         }
 #pragma omp critical
-        for (int64_t j = 0; j < cols; ++j) colflag[j] |= local[j];
+        for (int64_t j = 0; j < nb * cols; ++j) colflag[j] |= local[j];
         delete[] local;
     }
 }
@@ -178,93 +183,110 @@ extern "C" {
 int lmul_strip_width() { return JS; }
 int lmul_k_block() { return KB; }
 
-// left operand: rows x K -> ia, nz (rows x K), per (row, k block) min/max exponent field of the
-// normal entries (fmin > fmax when none), rowflag for inf/NaN rows.
-void lmul_prep_bit_a(const float* x, int64_t rows, int64_t K, uint32_t* ia, uint8_t* nz,
-                     int16_t* fmn, int16_t* fmx, uint8_t* rowflag, const QParams* p, int off, int nt) {
+// left operand: nb batches of M x K -> ia, nz [nb][rows_pad][K] (padding rows: nz = 0), per
+// (row, k block) min/max exponent field of the normal entries (fmin > fmax when none),
+// rowflag[b * rows_pad + r] for inf/NaN rows.
+void lmul_prep_bit_a(const float* x, int64_t nb, int64_t M, int64_t rows_pad, int64_t K, uint32_t* ia,
+                     uint8_t* nz, int16_t* fmn, int16_t* fmx, uint8_t* rowflag, const QParams* p, int off,
+                     int nt) {
     const QParams q = *p;
     const int m = q.man_bits;
     const int64_t nkb = (K + KB - 1) / KB;
     const uint32_t addc = (uint32_t)off << (23 - m);
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t br = 0; br < nb * rows_pad; ++br) {
+        const int64_t b = br / rows_pad, r = br % rows_pad;
         uint8_t flag = 0;
-        for (int64_t b = 0; b < nkb; ++b) {
+        for (int64_t kb = 0; kb < nkb; ++kb) {
             int lo = 1000, hi = -1000;
-            for (int64_t k = b * KB; k < std::min(K, (b + 1) * KB); ++k) {
-                uint32_t qb = quant_bits(x[r * K + k], q);
+            for (int64_t k = kb * KB; k < std::min(K, (kb + 1) * KB); ++k) {
+                uint32_t qb = r < M ? quant_bits(x[(b * M + r) * K + k], q) : 0u;
                 int kd = kind_of(qb, q);
                 flag |= (kd == 2);
                 if (kd == 1) {
                     int f = (int)((qb >> 23) & 0xFF);
                     lo = std::min(lo, f);
                     hi = std::max(hi, f);
-                    ia[r * K + k] = (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u);
-                    nz[r * K + k] = 1;
+                    ia[br * K + k] = (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u);
+                    nz[br * K + k] = 1;
                 } else {
-                    ia[r * K + k] = 0;
-                    nz[r * K + k] = 0;
+                    ia[br * K + k] = 0;
+                    nz[br * K + k] = 0;
                 }
             }
-            fmn[r * nkb + b] = (int16_t)lo;
-            fmx[r * nkb + b] = (int16_t)hi;
+            fmn[br * nkb + kb] = (int16_t)lo;
+            fmx[br * nkb + kb] = (int16_t)hi;
         }
-        rowflag[r] = flag;
+        rowflag[br] = flag;
     }
 }
 
-// right operand: K x N -> packed vb, wb [ns][K][JS], per (k block, strip) min/max field, colflag
-void lmul_prep_bit_b(const float* y, int64_t K, int64_t N, uint32_t* vb, float* wb, int16_t* fmn,
+// right operand: nb batches of K x N -> packed vb, wb [nb][ns][K][JS], per (batch, k block,
+// strip) min/max field [nb][nkb][ns], colflag[b * N + j]
+void lmul_prep_bit_b(const float* y, int64_t nb, int64_t K, int64_t N, uint32_t* vb, float* wb, int16_t* fmn,
                      int16_t* fmx, uint8_t* colflag, const QParams* p, int nt) {
     const QParams q = *p;
     const int64_t ns = (N + JS - 1) / JS, nkb = (K + KB - 1) / KB;
-    std::memset(colflag, 0, (size_t)N);
-#pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
-    for (int64_t s = 0; s < ns; ++s) {
-        for (int64_t b = 0; b < nkb; ++b) {
-            int lo = 1000, hi = -1000;
-            for (int64_t k = b * KB; k < std::min(K, (b + 1) * KB); ++k) {
-                uint32_t* vo = vb + (s * K + k) * JS;
-                float* wo = wb + (s * K + k) * JS;
-                for (int j = 0; j < JS; ++j) {
-                    int64_t col = s * JS + j;
-                    int kd = 0;
-                    uint32_t qb = 0;
-                    if (col < N) {
-                        qb = quant_bits(y[k * N + col], q);
-                        kd = kind_of(qb, q);
-                        if (kd == 2) colflag[col] = 1;  // benign race: every writer stores 1
-                    }
-                    if (kd == 1) {
-                        int f = (int)((qb >> 23) & 0xFF);
-                        lo = std::min(lo, f);
-                        hi = std::max(hi, f);
-                        vo[j] = qb;
-                        wo[j] = 1.0f;
-                    } else {
-                        vo[j] = 0x3F000000u;
-                        wo[j] = 0.0f;
+    std::memset(colflag, 0, (size_t)(nb * N));
+#pragma omp parallel for num_threads(nt) schedule(static) collapse(3)
+    for (int64_t bt = 0; bt < nb; ++bt) {
+        for (int64_t s = 0; s < ns; ++s) {
+            for (int64_t b = 0; b < nkb; ++b) {
+                int lo = 1000, hi = -1000;
+                const float* yb = y + bt * K * N;
+                for (int64_t k = b * KB; k < std::min(K, (b + 1) * KB); ++k) {
+                    uint32_t* vo = vb + ((bt * ns + s) * K + k) * JS;
+                    float* wo = wb + ((bt * ns + s) * K + k) * JS;
+                    for (int j = 0; j < JS; ++j) {
+                        int64_t col = s * JS + j;
+                        int kd = 0;
+                        uint32_t qb = 0;
+                        if (col < N) {
+                            qb = quant_bits(yb[k * N + col], q);
+                            kd = kind_of(qb, q);
+                            if (kd == 2) colflag[bt * N + col] = 1;  // benign race: all store 1
+                        }
+                        if (kd == 1) {
+                            int f = (int)((qb >> 23) & 0xFF);
+                            lo = std::min(lo, f);
+                            hi = std::max(hi, f);
+                            vo[j] = qb;
+                            wo[j] = 1.0f;
+                        } else {
+                            vo[j] = 0x3F000000u;
+                            wo[j] = 0.0f;
+                        }
                     }
                 }
+                fmn[(bt * nkb + b) * ns + s] = (int16_t)lo;
+                fmx[(bt * nkb + b) * ns + s] = (int16_t)hi;
             }
-            fmn[b * ns + s] = (int16_t)lo;
-            fmx[b * ns + s] = (int16_t)hi;
         }
     }
 }
 
-// C (rows_pad x ns*JS, zero-initialised by the caller) += bit-mode L-Matmul of the prepared
-// operands. rows_pad is a multiple of 4 (padding rows have nz = 0).
-void lmul_bit_matmul(const uint32_t* ia, const uint8_t* nz, const int16_t* afmn, const int16_t* afmx,
-                     int64_t rows_pad, int64_t K, const uint32_t* vb, const float* wb,
-                     const int16_t* bfmn, const int16_t* bfmx, int64_t ns, float* C, int m, int off,
-                     int nt) {
+// C [nb][rows_pad][ns*JS] = bit-mode L-Matmul of the prepared operands (nb batches).
+// rows_pad is a multiple of 4 (padding rows have nz = 0).
+void lmul_bit_matmul(const uint32_t* ia_all, const uint8_t* nz_all, const int16_t* afmn_all,
+                     const int16_t* afmx_all, int64_t nb, int64_t rows_pad, int64_t K, const uint32_t* vb_all,
+                     const float* wb_all, const int16_t* bfmn_all, const int16_t* bfmx_all, int64_t ns,
+                     float* C_all, int m, int off, int nt) {
     const int64_t nkb = (K + KB - 1) / KB, ldc = ns * JS, nquads = rows_pad / 4;
     const uint32_t addc = (uint32_t)off << (23 - m);
-    // row quads in parallel; for each: k blocks outer (A block stays in L1), strips inner
+    // (batch, row quad) pairs in parallel; for each: k blocks outer, strips inner
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t qd = 0; qd < nquads; ++qd) {
-        const int64_t i0 = qd * 4;
+    for (int64_t bq = 0; bq < nb * nquads; ++bq) {
+        const int64_t bt = bq / nquads, i0 = (bq % nquads) * 4;
+        const uint32_t* ia = ia_all + bt * rows_pad * K;
+        const uint8_t* nz = nz_all + bt * rows_pad * K;
+        const int16_t* afmn = afmn_all + bt * rows_pad * nkb;
+        const int16_t* afmx = afmx_all + bt * rows_pad * nkb;
+        const uint32_t* vb = vb_all + bt * ns * K * JS;
+        const float* wb = wb_all + bt * ns * K * JS;
+        const int16_t* bfmn = bfmn_all + bt * nkb * ns;
+        const int16_t* bfmx = bfmx_all + bt * nkb * ns;
+        float* C = C_all + bt * rows_pad * ldc;
+        std::memset(C + i0 * ldc, 0, sizeof(float) * 4 * ldc);
         for (int64_t b = 0; b < nkb; ++b) {
             const int64_t k0 = b * KB, k1 = std::min(K, k0 + KB);
             int alo = 1000, ahi = -1000;
