@@ -24,37 +24,35 @@ struct QParams {
 static inline uint32_t f2u(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
 static inline float u2f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 
-// quantize one float32 to the format (saturating overflow), as lmul.formats.quantize; returns bits
+// quantize one float32 to the format (saturating overflow), as lmul.formats.quantize; returns
+// bits. Branchless (selects only) so that loops over it vectorise.
 static inline uint32_t quant_bits(float x, const QParams& p) {
-    uint32_t bits = f2u(x);
-    uint32_t sign = bits & 0x80000000u, mag = bits & 0x7FFFFFFFu;
-    if (mag > 0x7F800000u) return 0x7FC00000u | sign;                       // NaN
-    if (mag == 0x7F800000u) return p.has_inf ? bits : (f2u(p.fmax) | sign);  // inf
-    int32_t field = (int32_t)(mag >> 23);
-    int32_t e = std::max(field, 1) - 127;
-    uint32_t sig = (mag & 0x7FFFFFu) | ((field > 0 ? 1u : 0u) << 23);  // |x| = sig 2^(e-23)
-    int32_t shift = 23 - p.man_bits + std::max(p.emin - e, 0);
-    shift = std::min(shift, 25);
+    const uint32_t bits = f2u(x);
+    const uint32_t sign = bits & 0x80000000u, mag = bits & 0x7FFFFFFFu;
+    const int32_t field = (int32_t)(mag >> 23);
+    const int32_t e = std::max(field, 1) - 127;
+    const uint32_t sig = (mag & 0x7FFFFFu) | (field > 0 ? 0x800000u : 0u);  // |x| = sig 2^(e-23)
+    const int32_t shift = std::min(23 - p.man_bits + std::max(p.emin - e, 0), 25);
     uint32_t q = sig >> shift;
-    if (!p.trunc && shift > 0) {
-        uint32_t rem = sig - (q << shift), half = 1u << (shift - 1);
-        if (rem > half || (rem == half && (q & 1u))) q += 1;
-    }
-    // q 2^(e' - m): q <= 2^24 converts exactly, the power of two is built from bits (2^-149 at
-    // least), and the product is representable, so the multiply is exact
-    int32_t pe = std::max(e, p.emin) - p.man_bits;
-    float scale = pe >= -126 ? u2f((uint32_t)(pe + 127) << 23) : u2f(1u << (pe + 149));
-    float out = (float)q * scale;
-    if (out > p.fmax) out = p.fmax;
-    return f2u(out) | sign;
+    const uint32_t rem = sig - (q << shift), half = (1u << shift) >> 1;
+    const bool up = !p.trunc && shift > 0 && (rem > half || (rem == half && (q & 1u)));
+    q += up ? 1u : 0u;
+    // q 2^(e' - m): q <= 2^24 converts exactly, the power of two (>= 2^-149) is built from
+    // bits, and the product is representable, so the multiply is exact
+    const int32_t pe = std::max(e, p.emin) - p.man_bits;
+    const uint32_t sbits = pe >= -126 ? (uint32_t)(pe + 127) << 23 : 1u << std::max(pe + 149, 0);
+    float out = (float)(int32_t)q * u2f(sbits);
+    out = out > p.fmax ? p.fmax : out;                                       // saturate
+    uint32_t res = f2u(out);
+    res = mag == 0x7F800000u ? (p.has_inf ? 0x7F800000u : f2u(p.fmax)) : res;  // inf
+    res = mag > 0x7F800000u ? 0x7FC00000u : res;                             // NaN
+    return res | sign;
 }
 
 // a quantized value's status: 0 zero/subnormal (flushed by L-Mul), 1 normal, 2 inf/NaN
 static inline int kind_of(uint32_t qb, const QParams& p) {
-    uint32_t mag = qb & 0x7FFFFFFFu;
-    if (mag >= 0x7F800000u) return 2;
-    int32_t e = (int32_t)(mag >> 23) - 127;
-    return (mag != 0 && e >= p.emin && (mag >> 23) != 0) ? 1 : 0;
+    const int32_t field = (int32_t)((qb >> 23) & 0xFF);
+    return field == 255 ? 2 : (field >= p.emin + 127 && field > 0 ? 1 : 0);
 }
 
 extern "C" {
@@ -77,11 +75,11 @@ void lmul_prep_formula_a(const float* x, int64_t rows, int64_t K, float* out, ui
         float* o2 = o1 + K;
         uint8_t flag = 0;
         for (int64_t k = 0; k < K; ++k) {
-            uint32_t qb = quant_bits(xr[k], q);
-            int kd = kind_of(qb, q);
-            flag |= (kd == 2);
-            o1[k] = kd == 1 ? u2f(qb) : 0.0f;
-            o2[k] = kd == 1 ? u2f(qb & 0xFF800000u) : 0.0f;  // [s|e|0...0] = sign 2^e
+            const uint32_t qb = quant_bits(xr[k], q);
+            const int kd = kind_of(qb, q);
+            flag |= (uint8_t)(kd == 2);
+            o1[k] = u2f(kd == 1 ? qb : 0u);
+            o2[k] = u2f(kd == 1 ? (qb & 0xFF800000u) : 0u);  // [s|e|0...0] = sign 2^e
         }
         rowflag[r] = flag;
     }
@@ -93,6 +91,7 @@ void lmul_prep_formula_a(const float* x, int64_t rows, int64_t K, float* out, ui
 void lmul_prep_formula_b(const float* y, int64_t nb, int64_t K, int64_t N, float* out, uint8_t* colflag,
                          const QParams* p, double c, int nt) {
     const QParams q = *p;
+    const float cm1 = (float)(c - 1.0);  // exact: c is a multiple of 2^-23 in [0, 1)
     std::memset(colflag, 0, (size_t)(nb * N));
 #pragma omp parallel num_threads(nt)
     {
@@ -105,17 +104,13 @@ void lmul_prep_formula_b(const float* y, int64_t nb, int64_t K, int64_t N, float
             float* o2 = out + (b * 2 * K + K + k) * N;
             uint8_t* lf = local + b * N;
             for (int64_t j = 0; j < N; ++j) {
-                uint32_t qb = quant_bits(yr[j], q);
-                int kd = kind_of(qb, q);
-                lf[j] |= (kd == 2);
-                if (kd == 1) {
-                    float hat = u2f(qb & 0xFF800000u);
-                    o1[j] = hat;
-                    o2[j] = (float)((double)u2f(qb) + (c - 1.0) * (double)hat);  // exact
-                } else {
-                    o1[j] = 0.0f;
-                    o2[j] = 0.0f;
-                }
+                const uint32_t qb = quant_bits(yr[j], q);
+                const int kd = kind_of(qb, q);
+                lf[j] |= (uint8_t)(kd == 2);
+                const float hat = u2f(kd == 1 ? (qb & 0xFF800000u) : 0u);
+                const float val = u2f(kd == 1 ? qb : 0u);
+                o1[j] = hat;
+                o2[j] = val + cm1 * hat;  // sign (ym + c) 2^ye: exact (see above)
             }
         }
 #pragma omp critical
@@ -200,19 +195,14 @@ void lmul_prep_bit_a(const float* x, int64_t nb, int64_t M, int64_t rows_pad, in
         for (int64_t kb = 0; kb < nkb; ++kb) {
             int lo = 1000, hi = -1000;
             for (int64_t k = kb * KB; k < std::min(K, (kb + 1) * KB); ++k) {
-                uint32_t qb = r < M ? quant_bits(x[(b * M + r) * K + k], q) : 0u;
-                int kd = kind_of(qb, q);
-                flag |= (kd == 2);
-                if (kd == 1) {
-                    int f = (int)((qb >> 23) & 0xFF);
-                    lo = std::min(lo, f);
-                    hi = std::max(hi, f);
-                    ia[br * K + k] = (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u);
-                    nz[br * K + k] = 1;
-                } else {
-                    ia[br * K + k] = 0;
-                    nz[br * K + k] = 0;
-                }
+                const uint32_t qb = r < M ? quant_bits(x[(b * M + r) * K + k], q) : 0u;
+                const int kd = kind_of(qb, q);
+                const int f = (int)((qb >> 23) & 0xFF);
+                flag |= (uint8_t)(kd == 2);
+                lo = std::min(lo, kd == 1 ? f : 1000);
+                hi = std::max(hi, kd == 1 ? f : -1000);
+                ia[br * K + k] = kd == 1 ? (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u) : 0u;
+                nz[br * K + k] = (uint8_t)(kd == 1);
             }
             fmn[br * nkb + kb] = (int16_t)lo;
             fmx[br * nkb + kb] = (int16_t)hi;
@@ -237,26 +227,22 @@ void lmul_prep_bit_b(const float* y, int64_t nb, int64_t K, int64_t N, uint32_t*
                 for (int64_t k = b * KB; k < std::min(K, (b + 1) * KB); ++k) {
                     uint32_t* vo = vb + ((bt * ns + s) * K + k) * JS;
                     float* wo = wb + ((bt * ns + s) * K + k) * JS;
+                    const int64_t jn = std::min<int64_t>(JS, N - s * JS);
+                    const float* yr = yb + k * N + s * JS;
+                    uint8_t bad = 0;
                     for (int j = 0; j < JS; ++j) {
-                        int64_t col = s * JS + j;
-                        int kd = 0;
-                        uint32_t qb = 0;
-                        if (col < N) {
-                            qb = quant_bits(yb[k * N + col], q);
-                            kd = kind_of(qb, q);
-                            if (kd == 2) colflag[bt * N + col] = 1;  // benign race: all store 1
-                        }
-                        if (kd == 1) {
-                            int f = (int)((qb >> 23) & 0xFF);
-                            lo = std::min(lo, f);
-                            hi = std::max(hi, f);
-                            vo[j] = qb;
-                            wo[j] = 1.0f;
-                        } else {
-                            vo[j] = 0x3F000000u;
-                            wo[j] = 0.0f;
-                        }
+                        const uint32_t qb = j < jn ? quant_bits(yr[j < jn ? j : 0], q) : 0u;
+                        const int kd = kind_of(qb, q);
+                        const int f = (int)((qb >> 23) & 0xFF);
+                        bad |= (uint8_t)(kd == 2);
+                        lo = std::min(lo, kd == 1 ? f : 1000);
+                        hi = std::max(hi, kd == 1 ? f : -1000);
+                        vo[j] = kd == 1 ? qb : 0x3F000000u;
+                        wo[j] = kd == 1 ? 1.0f : 0.0f;
                     }
+                    if (bad)  // rare: mark the columns (benign race: every writer stores 1)
+                        for (int j = 0; j < jn; ++j)
+                            if (kind_of(quant_bits(yr[j], q), q) == 2) colflag[bt * N + s * JS + j] = 1;
                 }
                 fmn[(bt * nkb + b) * ns + s] = (int16_t)lo;
                 fmx[(bt * nkb + b) * ns + s] = (int16_t)hi;
