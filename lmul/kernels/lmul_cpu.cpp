@@ -55,6 +55,13 @@ static inline int kind_of(uint32_t qb, const QParams& p) {
     return field == 255 ? 2 : (field >= p.emin + 127 && field > 0 ? 1 : 0);
 }
 
+// 1 if any of x[0..n) is inf/NaN (exactly the entries whose quantized value is inf/NaN)
+static inline int any_nonfinite(const float* x, int64_t n) {
+    uint32_t acc = 0;
+    for (int64_t i = 0; i < n; ++i) acc |= (f2u(x[i]) & 0x7F800000u) == 0x7F800000u ? 1u : 0u;
+    return acc != 0;
+}
+
 extern "C" {
 
 void lmul_quantize(const float* x, int64_t n, float* out, const QParams* p, int nt) {
@@ -73,15 +80,13 @@ void lmul_prep_formula_a(const float* x, int64_t rows, int64_t K, float* out, ui
         const float* xr = x + r * K;
         float* o1 = out + r * 2 * K;
         float* o2 = o1 + K;
-        uint8_t flag = 0;
         for (int64_t k = 0; k < K; ++k) {
             const uint32_t qb = quant_bits(xr[k], q);
-            const int kd = kind_of(qb, q);
-            flag |= (uint8_t)(kd == 2);
-            o1[k] = u2f(kd == 1 ? qb : 0u);
-            o2[k] = u2f(kd == 1 ? (qb & 0xFF800000u) : 0u);  // [s|e|0...0] = sign 2^e
+            const bool normal = kind_of(qb, q) == 1;
+            o1[k] = u2f(normal ? qb : 0u);
+            o2[k] = u2f(normal ? (qb & 0xFF800000u) : 0u);  // [s|e|0...0] = sign 2^e
         }
-        rowflag[r] = flag;
+        rowflag[r] = (uint8_t)any_nonfinite(xr, K);
     }
 }
 
@@ -181,33 +186,45 @@ int lmul_k_block() { return KB; }
 // left operand: nb batches of M x K -> ia, nz [nb][rows_pad][K] (padding rows: nz = 0), per
 // (row, k block) min/max exponent field of the normal entries (fmin > fmax when none),
 // rowflag[b * rows_pad + r] for inf/NaN rows.
-void lmul_prep_bit_a(const float* x, int64_t nb, int64_t M, int64_t rows_pad, int64_t K, uint32_t* ia,
+void lmul_prep_bit_a(const float* x, int64_t nb, int64_t M, int64_t rows_pad, int64_t Kin, uint32_t* ia,
                      uint8_t* nz, int16_t* fmn, int16_t* fmx, uint8_t* rowflag, const QParams* p, int off,
                      int nt) {
     const QParams q = *p;
     const int m = q.man_bits;
-    const int64_t nkb = (K + KB - 1) / KB;
     const uint32_t addc = (uint32_t)off << (23 - m);
+    const int64_t nkb = (Kin + KB - 1) / KB;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t br = 0; br < nb * rows_pad; ++br) {
         const int64_t b = br / rows_pad, r = br % rows_pad;
-        uint8_t flag = 0;
-        for (int64_t kb = 0; kb < nkb; ++kb) {
+        const int64_t K = Kin;  // a local copy: the stores below cannot alias it
+        uint32_t* iar = ia + br * K;
+        uint8_t* nzr = nz + br * K;
+        if (r >= M) {  // padding row
+            for (int64_t k = 0; k < K; ++k) { iar[k] = 0; nzr[k] = 0; }
+            for (int64_t kb = 0; kb < nkb; ++kb) { fmn[br * nkb + kb] = 1000; fmx[br * nkb + kb] = -1000; }
+            rowflag[br] = 0;
+            continue;
+        }
+        const float* xr = x + (b * M + r) * K;
+        for (int64_t k = 0; k < K; ++k) {
+            const uint32_t qb = quant_bits(xr[k], q);
+            const bool normal = kind_of(qb, q) == 1;
+            iar[k] = normal ? (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u) : 0u;
+            nzr[k] = (uint8_t)normal;
+        }
+        for (int64_t kb = 0; kb < nkb; ++kb) {  // exponent field range of the normal entries
             int lo = 1000, hi = -1000;
-            for (int64_t k = kb * KB; k < std::min(K, (kb + 1) * KB); ++k) {
-                const uint32_t qb = r < M ? quant_bits(x[(b * M + r) * K + k], q) : 0u;
-                const int kd = kind_of(qb, q);
-                const int f = (int)((qb >> 23) & 0xFF);
-                flag |= (uint8_t)(kd == 2);
-                lo = std::min(lo, kd == 1 ? f : 1000);
-                hi = std::max(hi, kd == 1 ? f : -1000);
-                ia[br * K + k] = kd == 1 ? (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u) : 0u;
-                nz[br * K + k] = (uint8_t)(kd == 1);
+            const int64_t k1 = std::min(K, (kb + 1) * KB);
+            for (int64_t k = kb * KB; k < k1; ++k) {
+                // ia + (127 << 23) - addc restores the quantized bits; field = bits 23..30
+                const int f = (int)(((iar[k] + (127u << 23) - addc) >> 23) & 0xFF);
+                lo = std::min(lo, nzr[k] ? f : 1000);
+                hi = std::max(hi, nzr[k] ? f : -1000);
             }
             fmn[br * nkb + kb] = (int16_t)lo;
             fmx[br * nkb + kb] = (int16_t)hi;
         }
-        rowflag[br] = flag;
+        rowflag[br] = (uint8_t)any_nonfinite(xr, K);
     }
 }
 
