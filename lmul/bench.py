@@ -38,7 +38,7 @@ TARGETS = {
     ("exact", "bf16"): None,
 }
 NAIVE_TARGET = 100.0
-MARK_START, MARK_END = "<!-- lmul-bench:start -->", "<!-- lmul-bench:end -->"
+MARK = "<!-- lmul-bench:{key}:{end} -->"  # one marked section per --section key
 
 
 @dataclass(frozen=True)
@@ -220,23 +220,24 @@ def machine_line(device: str) -> str:
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
 
 
-def write_results(rows: list[dict], path: Path, command: str, device: str) -> None:
-    """Replace the marked section of ``path`` (created if absent) atomically."""
+def write_results(rows: list[dict], path: Path, command: str, device: str, key: str = "main") -> None:
+    """Replace the section marked ``key`` of ``path`` (created if absent) atomically."""
+    start, end = MARK.format(key=key, end="start"), MARK.format(key=key, end="end")
     body = "\n".join([
-        MARK_START,
+        start,
         f"Machine: {machine_line(device)}. Command: `{command}`.",
         "Ratio = lmul.matmul time (whole call: quantize, prepare, multiply, fix-up) / torch.matmul fp32 time, "
         "best of interleaved repeats in the same run; naive rows: naive time / lmul time.",
         "",
         HEADER,
         *[_format_row(r) for r in rows],
-        MARK_END,
+        end,
     ])
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if MARK_START in old and MARK_END in old:
-        new = old[: old.index(MARK_START)] + body + old[old.index(MARK_END) + len(MARK_END):]
+    if start in old and end in old:
+        new = old[: old.index(start)] + body + old[old.index(end) + len(end):]
     else:
-        new = old.rstrip("\n") + "\n\n## L-Matmul kernels (`lmul bench`)\n\n" + body + "\n"
+        new = old.rstrip("\n") + f"\n\n### L-Matmul kernels: `{key}`\n\n" + body + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md")
     with os.fdopen(fd, "w") as f:
@@ -261,6 +262,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--naive-size", type=int, default=128, help="size of the naive emulation row (0: skip)")
     p.add_argument("--out", default="benchmarks/RESULTS.md", help="results file ('' to skip writing)")
     p.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: torch default)")
+    p.add_argument("--section", default="cpu", help="key of the RESULTS.md section this run replaces")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -273,8 +275,8 @@ def main(args: argparse.Namespace) -> int:
                naive_size=args.naive_size)
     if args.out:
         cmd = "lmul bench " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                       if k not in ("func", "command", "out"))
-        write_results(rows, Path(args.out), cmd, args.device)
+                                       if k not in ("func", "command", "out", "section"))
+        write_results(rows, Path(args.out), cmd, args.device, args.section)
         print(f"wrote {args.out}")
     return 0
 

@@ -165,6 +165,8 @@ void lmul_prep_exact(const float* x, int64_t nb, int64_t rows, int64_t cols, flo
 static const int KB = 256;       // k block (tile range checks are per row x k block x strip)
 static const int NV = 4;         // 16-lane vectors per strip
 static const int JS = 16 * NV;   // strip width
+static const int SG = 4;         // strips per L2-resident B block (KB x SG*JS x 8 bytes = 512 KiB)
+static const int RBQ = 16;       // row quads per parallel task (64 rows)
 typedef uint32_t vu __attribute__((vector_size(64)));
 typedef float vf __attribute__((vector_size(64)));
 
@@ -276,10 +278,12 @@ void lmul_bit_matmul(const uint32_t* ia_all, const uint8_t* nz_all, const int16_
                      float* C_all, int m, int off, int nt) {
     const int64_t nkb = (K + KB - 1) / KB, ldc = ns * JS, nquads = rows_pad / 4;
     const uint32_t addc = (uint32_t)off << (23 - m);
-    // (batch, row quad) pairs in parallel; for each: k blocks outer, strips inner
+    // (batch, block of RB rows) in parallel; inside: groups of SG strips (B block of KB x SG*JS
+    // stays in L2 while all row quads of the block use it), k blocks, row quads, strips
+    const int64_t nrb = (nquads + RBQ - 1) / RBQ;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t bq = 0; bq < nb * nquads; ++bq) {
-        const int64_t bt = bq / nquads, i0 = (bq % nquads) * 4;
+    for (int64_t bq = 0; bq < nb * nrb; ++bq) {
+        const int64_t bt = bq / nrb, q0 = (bq % nrb) * RBQ, q1 = std::min(nquads, q0 + RBQ);
         const uint32_t* ia = ia_all + bt * rows_pad * K;
         const uint8_t* nz = nz_all + bt * rows_pad * K;
         const int16_t* afmn = afmn_all + bt * rows_pad * nkb;
@@ -289,8 +293,11 @@ void lmul_bit_matmul(const uint32_t* ia_all, const uint8_t* nz_all, const int16_
         const int16_t* bfmn = bfmn_all + bt * nkb * ns;
         const int16_t* bfmx = bfmx_all + bt * nkb * ns;
         float* C = C_all + bt * rows_pad * ldc;
-        std::memset(C + i0 * ldc, 0, sizeof(float) * 4 * ldc);
-        for (int64_t b = 0; b < nkb; ++b) {
+        std::memset(C + q0 * 4 * ldc, 0, sizeof(float) * 4 * ldc * (q1 - q0));
+        for (int64_t s0 = 0; s0 < ns; s0 += SG)
+        for (int64_t b = 0; b < nkb; ++b)
+        for (int64_t qd = q0; qd < q1; ++qd) {
+            const int64_t i0 = qd * 4;
             const int64_t k0 = b * KB, k1 = std::min(K, k0 + KB);
             int alo = 1000, ahi = -1000;
             for (int r = 0; r < 4; ++r) {
@@ -298,7 +305,7 @@ void lmul_bit_matmul(const uint32_t* ia_all, const uint8_t* nz_all, const int16_
                 ahi = std::max(ahi, (int)afmx[(i0 + r) * nkb + b]);
             }
             if (ahi < 0) continue;  // no normal entry in these rows and this k block
-            for (int64_t s = 0; s < ns; ++s) {
+            for (int64_t s = s0; s < std::min(ns, s0 + SG); ++s) {
                 const int blo = bfmn[b * ns + s], bhi = bfmx[b * ns + s];
                 if (bhi < 0) continue;
                 float* crow[4];
