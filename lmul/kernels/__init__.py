@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from lmul.kernels import cpu_ext, decompose  # noqa: F401  (registers the backends)
+from lmul.kernels import cpu_ext, decompose, triton_lmul  # noqa: F401  (registers the backends, in auto order)
 from lmul.kernels.registry import backends
 
 __all__ = ["backends"]
