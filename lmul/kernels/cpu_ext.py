@@ -118,8 +118,13 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+PARALLEL_MIN_WORK = 1 << 22  # below this many elements/products a call runs on one thread
+
+
+def _threads(work: int = PARALLEL_MIN_WORK) -> int:
+    """torch's thread count, or 1 for small work (a thread team's barrier costs more there,
+    and far more when the cores are oversubscribed)."""
+    return max(1, torch.get_num_threads()) if work >= PARALLEL_MIN_WORK else 1
 
 
 def _as_f32(x: torch.Tensor, fmt: Format, rounding: str) -> torch.Tensor:
@@ -137,7 +142,7 @@ def quantize_cpu(x: torch.Tensor, fmt: Format, rounding: str = "rne") -> torch.T
     xs = _as_f32(x, fmt, rounding)
     out = torch.empty_like(xs)
     lib.lmul_quantize(_ptr(xs), ctypes.c_int64(xs.numel()), _ptr(out), ctypes.byref(_qparams(fmt, rounding)),
-                      _threads())
+                      _threads(16 * xs.numel()))
     return out
 
 
@@ -151,7 +156,7 @@ def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -
     js, kb = lib.lmul_strip_width(), lib.lmul_k_block()
     ns, nkb = -(-n // js), -(-k // kb)
     rows_pad = -(-m_rows // 4) * 4
-    nt = _threads()
+    nt_a, nt_b, nt = _threads(16 * a.numel()), _threads(16 * b.numel()), _threads(bsz * m_rows * k * n)
     i64 = ctypes.c_int64
     rowflag = torch.empty(bsz, rows_pad, dtype=torch.uint8)
     colflag = torch.empty(bsz, n, dtype=torch.uint8)
@@ -165,9 +170,9 @@ def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -
     bfmx = torch.empty(bsz, nkb, ns, dtype=torch.int16)
     acc = torch.empty(bsz, rows_pad, ns * js, dtype=torch.float32)
     lib.lmul_prep_bit_a(_ptr(a), i64(bsz), i64(m_rows), i64(rows_pad), i64(k), _ptr(ia), _ptr(nz), _ptr(afmn),
-                        _ptr(afmx), _ptr(rowflag), qp, off, nt)
+                        _ptr(afmx), _ptr(rowflag), qp, off, nt_a)
     lib.lmul_prep_bit_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(vb), _ptr(wb), _ptr(bfmn), _ptr(bfmx),
-                        _ptr(colflag), qp, nt)
+                        _ptr(colflag), qp, nt_b)
     lib.lmul_bit_matmul(_ptr(ia), _ptr(nz), _ptr(afmn), _ptr(afmx), i64(bsz), i64(rows_pad), i64(k), _ptr(vb),
                         _ptr(wb), _ptr(bfmn), _ptr(bfmx), i64(ns), _ptr(acc), m, off, nt)
     out = acc if (rows_pad, ns * js) == (m_rows, n) else acc[:, :m_rows, :n]
@@ -178,23 +183,25 @@ def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: c
     bsz, m_rows, k = a.shape
     n = b.shape[-1]
     qp = ctypes.byref(_qparams(spec.fmt, spec.rounding))
-    nt = _threads()
+    nt_a, nt_b = _threads(16 * a.numel()), _threads(16 * b.numel())
     i64 = ctypes.c_int64
     rowflag = torch.empty(bsz, m_rows, dtype=torch.uint8)
     colflag = torch.empty(bsz, n, dtype=torch.uint8)
     if spec.mode == "formula":
         left = torch.empty(bsz, m_rows, 2 * k, dtype=torch.float32)
         right = torch.empty(bsz, 2 * k, n, dtype=torch.float32)
-        lib.lmul_prep_formula_a(_ptr(a), i64(bsz * m_rows), i64(k), _ptr(left), _ptr(rowflag), qp, nt)
+        lib.lmul_prep_formula_a(_ptr(a), i64(bsz * m_rows), i64(k), _ptr(left), _ptr(rowflag), qp, nt_a)
         lib.lmul_prep_formula_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(colflag), qp,
-                                ctypes.c_double(spec.offset), nt)
+                                ctypes.c_double(spec.offset), nt_b)
     else:
         left = torch.empty(bsz, m_rows, k, dtype=torch.float32)
         right = torch.empty(bsz, k, n, dtype=torch.float32)
         junk_r = torch.empty(bsz * k, dtype=torch.uint8)
         junk_c = torch.empty(bsz * k, dtype=torch.uint8)
-        lib.lmul_prep_exact(_ptr(a), i64(bsz), i64(m_rows), i64(k), _ptr(left), _ptr(rowflag), _ptr(junk_c), qp, nt)
-        lib.lmul_prep_exact(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(junk_r), _ptr(colflag), qp, nt)
+        lib.lmul_prep_exact(_ptr(a), i64(bsz), i64(m_rows), i64(k), _ptr(left), _ptr(rowflag), _ptr(junk_c), qp,
+                            nt_a)
+        lib.lmul_prep_exact(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(junk_r), _ptr(colflag), qp,
+                            nt_b)
     return torch.matmul(left, right), rowflag.bool(), colflag.bool()
 
 
