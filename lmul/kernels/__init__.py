@@ -6,6 +6,8 @@
   one BLAS matmul of prepared operands.
 * ``"decompose"`` (:mod:`lmul.kernels.decompose`): pure torch, any device: formula mode as one
   matmul with K doubled, bit mode with m <= 4 as one matmul with K times 2^m, exact mode.
+* ``"triton"`` (:mod:`lmul.kernels.triton_lmul`): CUDA, optional triton: exact per-product
+  L-Mul for every mode and m, float32 tile sums.
 
 :func:`backends` lists every registered backend and whether it can run here. See
 ``docs/kernels.md``.
