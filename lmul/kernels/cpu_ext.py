@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +38,7 @@ from lmul.kernels.common import fixup
 from lmul.kernels.registry import describe
 from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
 
-__all__ = ["load", "compiler", "cpu_matmul", "quantize_cpu", "FLAGS"]
+__all__ = ["load", "compiler", "cpu_matmul", "quantize_cpu", "release_workspace", "FLAGS"]
 
 SOURCE = Path(__file__).with_name("lmul_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -114,6 +115,27 @@ def _qparams(fmt: Format, rounding: str) -> _QParams:
     return _QParams(fmt.man_bits, fmt.emin, int(rounding == "trunc"), int(fmt.has_inf), float(fmt.max))
 
 
+_WORKSPACE = threading.local()
+
+
+def _buffer(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch tensor reused across calls: fresh large allocations cost a page fault
+    per 4 KiB on first touch (about as much as preparing the operand). Never returned to callers."""
+    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = bufs.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = bufs[name] = torch.empty(max(numel, 1), dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (they otherwise stay at the largest call's size)."""
+    _WORKSPACE.__dict__.pop("bufs", None)
+
+
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
@@ -160,12 +182,12 @@ def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -
     i64 = ctypes.c_int64
     rowflag = torch.empty(bsz, rows_pad, dtype=torch.uint8)
     colflag = torch.empty(bsz, n, dtype=torch.uint8)
-    ia = torch.empty(bsz, rows_pad, k, dtype=torch.int32)
-    nz = torch.empty(bsz, rows_pad, k, dtype=torch.uint8)
+    ia = _buffer("ia", (bsz, rows_pad, k), torch.int32)
+    nz = _buffer("nz", (bsz, rows_pad, k), torch.uint8)
     afmn = torch.empty(bsz, rows_pad, nkb, dtype=torch.int16)
     afmx = torch.empty(bsz, rows_pad, nkb, dtype=torch.int16)
-    vb = torch.empty(bsz, ns, k, js, dtype=torch.int32)
-    wb = torch.empty(bsz, ns, k, js, dtype=torch.float32)
+    vb = _buffer("vb", (bsz, ns, k, js), torch.int32)
+    wb = _buffer("wb", (bsz, ns, k, js), torch.float32)
     bfmn = torch.empty(bsz, nkb, ns, dtype=torch.int16)
     bfmx = torch.empty(bsz, nkb, ns, dtype=torch.int16)
     acc = torch.empty(bsz, rows_pad, ns * js, dtype=torch.float32)
@@ -188,14 +210,14 @@ def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: c
     rowflag = torch.empty(bsz, m_rows, dtype=torch.uint8)
     colflag = torch.empty(bsz, n, dtype=torch.uint8)
     if spec.mode == "formula":
-        left = torch.empty(bsz, m_rows, 2 * k, dtype=torch.float32)
-        right = torch.empty(bsz, 2 * k, n, dtype=torch.float32)
+        left = _buffer("left", (bsz, m_rows, 2 * k), torch.float32)
+        right = _buffer("right", (bsz, 2 * k, n), torch.float32)
         lib.lmul_prep_formula_a(_ptr(a), i64(bsz * m_rows), i64(k), _ptr(left), _ptr(rowflag), qp, nt_a)
         lib.lmul_prep_formula_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(colflag), qp,
                                 ctypes.c_double(spec.offset), nt_b)
     else:
-        left = torch.empty(bsz, m_rows, k, dtype=torch.float32)
-        right = torch.empty(bsz, k, n, dtype=torch.float32)
+        left = _buffer("left", (bsz, m_rows, k), torch.float32)
+        right = _buffer("right", (bsz, k, n), torch.float32)
         junk_r = torch.empty(bsz * k, dtype=torch.uint8)
         junk_c = torch.empty(bsz * k, dtype=torch.uint8)
         lib.lmul_prep_exact(_ptr(a), i64(bsz), i64(m_rows), i64(k), _ptr(left), _ptr(rowflag), _ptr(junk_c), qp,
