@@ -169,7 +169,7 @@ def _naive_rows(configs, size: int, device: str, progress) -> list[dict]:
         naive = lambda fmt=fmt, mode=mode: mul(a[:, :, None], b[None, :, :], fmt, mode).sum(-2)
         ours = lambda fmt=fmt, mode=mode: matmul(a, b, fmt, mode)
         t_naive = best_times([naive], device, 2, 0.0)[0]
-        t_ours = best_times([ours], device, 10, 0.0)[0]
+        t_ours = best_times([ours], device, 10, 1.0)[0]
         spec = MatmulSpec(Format.parse(fmt), mode, resolve_offset(fmt, mode), "rne", None, 1)
         row = {"case": f"naive broadcast {size}^3", "mode": mode, "format": fmt,
                "backend": f"auto->{resolve_backend(a[None], spec, 'auto')}", "time_ms": t_ours * 1e3,
@@ -263,6 +263,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mode:format pairs, comma separated")
     p.add_argument("--backends", default="auto", help="'auto' and/or backend names, comma separated")
     p.add_argument("--reps", type=int, default=3, help="interleaved repeats (best time kept)")
+    p.add_argument("--min-time", type=float, default=1.0,
+                   help="keep repeating (up to 4x reps) until this many seconds per case have passed")
     p.add_argument("--naive-size", type=int, default=128, help="size of the naive emulation row (0: skip)")
     p.add_argument("--out", default="benchmarks/RESULTS.md", help="results file ('' to skip writing)")
     p.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: torch default)")
@@ -276,7 +278,7 @@ def main(args: argparse.Namespace) -> int:
     case_list = cases(_ints(args.sizes), _ints(args.seqs), _ints(args.head_dims), args.heads)
     print(f"# {machine_line(args.device)}\n{HEADER}")
     rows = run(configs, [b for b in args.backends.split(",") if b], case_list, args.device, args.reps,
-               naive_size=args.naive_size)
+               args.min_time, naive_size=args.naive_size)
     if args.out:
         cmd = "lmul bench " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                        if k not in ("func", "command", "out", "section"))
