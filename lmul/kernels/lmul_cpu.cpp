@@ -75,7 +75,7 @@ void lmul_quantize(const float* x, int64_t n, float* out, const QParams* p, int 
 void lmul_prep_formula_a(const float* x, int64_t rows, int64_t K, float* out, uint8_t* rowflag,
                          const QParams* p, int nt) {
     const QParams q = *p;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * K;
         float* o1 = out + r * 2 * K;
@@ -101,7 +101,7 @@ void lmul_prep_formula_b(const float* y, int64_t nb, int64_t K, int64_t N, float
 #pragma omp parallel num_threads(nt)
     {
         uint8_t* local = new uint8_t[nb * N]();
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
         for (int64_t bk = 0; bk < nb * K; ++bk) {
             const int64_t b = bk / K, k = bk % K;
             const float* yr = y + bk * N;
@@ -133,7 +133,7 @@ void lmul_prep_exact(const float* x, int64_t nb, int64_t rows, int64_t cols, flo
 #pragma omp parallel num_threads(nt)
     {
         uint8_t* local = new uint8_t[nb * cols]();
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
         for (int64_t r = 0; r < nb * rows; ++r) {
             uint8_t flag = 0;
             uint8_t* lf = local + (r / rows) * cols;
@@ -195,7 +195,7 @@ void lmul_prep_bit_a(const float* x, int64_t nb, int64_t M, int64_t rows_pad, in
     const int m = q.man_bits;
     const uint32_t addc = (uint32_t)off << (23 - m);
     const int64_t nkb = (Kin + KB - 1) / KB;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
     for (int64_t br = 0; br < nb * rows_pad; ++br) {
         const int64_t b = br / rows_pad, r = br % rows_pad;
         const int64_t K = Kin;  // a local copy: the stores below cannot alias it
@@ -237,7 +237,7 @@ void lmul_prep_bit_b(const float* y, int64_t nb, int64_t K, int64_t N, uint32_t*
     const QParams q = *p;
     const int64_t ns = (N + JS - 1) / JS, nkb = (K + KB - 1) / KB;
     std::memset(colflag, 0, (size_t)(nb * N));
-#pragma omp parallel for num_threads(nt) schedule(static) collapse(3)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(3)
     for (int64_t bt = 0; bt < nb; ++bt) {
         for (int64_t s = 0; s < ns; ++s) {
             for (int64_t b = 0; b < nkb; ++b) {
