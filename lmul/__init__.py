@@ -5,13 +5,14 @@ The numerical contract is ``docs/semantics.md``.
 """
 
 from lmul.formats import BF16, E4M3, E5M2, FP16, FP32, Format, quantize
+from lmul.kernels import backends  # registers the fast backends (nothing compiled at import)
 from lmul.matmul import BACKENDS, matmul
 from lmul.ops import MODES, mul, offset_exponent
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BF16", "E4M3", "E5M2", "FP16", "FP32", "Format", "MODES",
+    "BACKENDS", "BF16", "backends", "E4M3", "E5M2", "FP16", "FP32", "Format", "MODES",
     "matmul", "mul", "offset_exponent", "quantize", "__version__",
 ]
 

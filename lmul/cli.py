@@ -13,6 +13,7 @@ _COMMAND_MODULES = [
     "lmul.demo",
     "lmul.analysis.commands",
     "lmul.hw.cli",
+    "lmul.bench",
 ]
 
 

@@ -13,6 +13,7 @@ batch shape.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -113,11 +114,9 @@ def _broadcast(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         raise ValueError(f"batch dims of {tuple(a.shape)} and {tuple(b.shape)} do not broadcast") from err
     m, k = a2.shape[-2:]
     n = b2.shape[-1]
-    nbatch = 1
-    for d in batch:
-        nbatch *= d
-    a3 = a2.expand(*batch, m, k).reshape(nbatch, m, k)
-    b3 = b2.expand(*batch, k, n).reshape(nbatch, k, n)
+    nb = math.prod(batch)  # not -1: reshape cannot infer it when a dimension is 0
+    a3 = a2.expand(*batch, m, k).reshape(nb, m, k)
+    b3 = b2.expand(*batch, k, n).reshape(nb, k, n)
 
     def shape_out(c: torch.Tensor) -> torch.Tensor:
         c = c.reshape(*batch, m, n)
@@ -183,4 +182,9 @@ def matmul(
     spec = MatmulSpec(fmt, mode, c, rounding, acc_fmt, acc_block)
     a3, b3, _, shape_out = _broadcast(a, b)
     name = resolve_backend(a3, spec, backend)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        from lmul.kernels.autograd import LMatmulFunction  # straight-through gradient, docs/kernels.md
+
+        run = lambda x, y: shape_out(BACKENDS[name][0](*_broadcast(x, y)[:2], spec))
+        return LMatmulFunction.apply(a, b, run, fmt, rounding)
     return shape_out(BACKENDS[name][0](a3, b3, spec))

@@ -140,6 +140,11 @@ def mul(
     except RuntimeError as err:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not broadcast") from err
     c = resolve_offset(fmt, mode, offset)
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        from lmul.kernels.autograd import LMulFunction  # straight-through gradient, docs/kernels.md
+
+        run = lambda u, v: products(quantize(u, fmt, rounding), quantize(v, fmt, rounding), fmt, mode, c)
+        return LMulFunction.apply(x, y, run, fmt, rounding)
     xq = quantize(x, fmt, rounding)
     yq = quantize(y, fmt, rounding)
     return products(xq, yq, fmt, mode, c)

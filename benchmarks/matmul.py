@@ -1,0 +1,17 @@
+"""L-Matmul speed against torch.matmul: ``python benchmarks/matmul.py [lmul bench options]``.
+
+Same as ``lmul bench`` (see lmul/bench.py); writes the "L-Matmul kernels" section of
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmul.bench import add_arguments, main
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

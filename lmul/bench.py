@@ -1,0 +1,294 @@
+"""``lmul bench``: time L-Matmul backends against the native matmul in the same run.
+
+Each case times ``lmul.matmul`` (quantize + prepare + multiply + fix-up: the whole call) and
+``torch.matmul`` on float32 operands of the same shape, interleaved, and reports the ratio of the
+best times (our time / native time), TFLOP/s-equivalent (2 M N K / time) and the peak extra
+resident memory of the call (CPU: peak RSS above the level before it, via /proc; CUDA: peak
+allocated). The naive broadcast emulation, ``mul(a[..., :, :, None], b[..., None, :, :]).sum(-2)``,
+is timed on one small size for the ">= 100x faster" row. Results go to a marked section of
+``benchmarks/RESULTS.md`` (replaced atomically; other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmul.formats import Format
+from lmul.matmul import BACKENDS, MatmulSpec, matmul, resolve_backend
+from lmul.ops import mul, resolve_offset
+
+__all__ = ["Case", "TARGETS", "run", "register"]
+
+# (mode, format) classes of the issue's target table: CPU ratio targets vs torch fp32 matmul
+TARGETS = {
+    ("formula", "bf16"): 2.5, ("formula", "e4m3"): 2.5,
+    ("bit", "e4m3"): 12.0, ("bit", "e8m3"): 12.0,
+    ("bit", "bf16"): 6.0, ("bit", "fp16"): 6.0, ("bit", "fp32"): 6.0,
+    ("exact", "bf16"): None,
+}
+NAIVE_TARGET = 100.0
+MARK = "<!-- lmul-bench:{key}:{end} -->"  # one marked section per --section key
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed shape: ``a`` [batch, m, k] @ ``b`` [batch, k, n] (batch 0: plain 2-D)."""
+
+    name: str
+    batch: int
+    m: int
+    k: int
+    n: int
+
+    def operands(self, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        lead = (self.batch,) if self.batch else ()
+        a = torch.randn(*lead, self.m, self.k, generator=gen)
+        b = torch.randn(*lead, self.k, self.n, generator=gen)
+        return a.to(device), b.to(device)
+
+    @property
+    def flops(self) -> int:
+        return 2 * max(1, self.batch) * self.m * self.k * self.n
+
+
+def cases(sizes: list[int], seqs: list[int], head_dims: list[int], heads: int) -> list[Case]:
+    out = [Case(f"square {s}", 0, s, s, s) for s in sizes]
+    for s in seqs:
+        for d in head_dims:
+            out.append(Case(f"attn QK^T bh={heads} s={s} d={d}", heads, s, d, s))
+            out.append(Case(f"attn PV bh={heads} s={s} d={d}", heads, s, s, d))
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_extra_mib(fn: Callable[[], object], device: str) -> Optional[float]:
+    """Peak memory of ``fn()`` above the level before it, in MiB (None where not measurable)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    from lmul.kernels.cpu_ext import release_workspace
+
+    release_workspace()  # count the scratch buffers as this call's extra memory
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    result = fn()
+    peak = _rss_kib("VmHWM")
+    del result
+    return None if before is None or peak is None else max(0, peak - before) / 1024
+
+
+def best_times(fns: list[Callable[[], object]], device: str, reps: int, min_time: float) -> list[float]:
+    """Best-of-``reps`` seconds for each function, interleaved so load changes hit all alike."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    start = time.perf_counter()
+    r = 0
+    while r < reps or (time.perf_counter() - start < min_time and r < 4 * reps):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            best[i] = min(best[i], time.perf_counter() - t)
+        r += 1
+    return best
+
+
+def run(configs: list[tuple[str, str]], backends: list[str], case_list: list[Case], device: str = "cpu",
+        reps: int = 3, min_time: float = 0.0, naive_size: int = 128,
+        progress: Callable[[str], None] = print) -> list[dict]:
+    """Time every (mode, format) x backend x case; return result rows (dicts)."""
+    rows = []
+    for case in case_list:
+        a, b = case.operands(device)
+        for mode, fmt in configs:
+            spec = MatmulSpec(Format.parse(fmt), mode, resolve_offset(fmt, mode), "rne", None, 1)
+            for backend in backends:
+                a3 = a if a.dim() == 3 else a[None]
+                name = resolve_backend(a3, spec, "auto") if backend == "auto" else backend
+                why = BACKENDS[name][1](a3, spec) if name in BACKENDS else f"unknown backend {name}"
+                if why:
+                    progress(f"skip {case.name} {mode} {fmt} {backend}: {why}")
+                    continue
+                ours = lambda a=a, b=b, fmt=fmt, mode=mode, name=name: matmul(a, b, fmt, mode, backend=name)
+                native = lambda a=a, b=b: torch.matmul(a, b)
+                t_ours, t_nat = best_times([ours, native], device, reps, min_time)
+                mem = peak_extra_mib(ours, device)
+                target = TARGETS.get((mode, fmt)) if device == "cpu" else None
+                row = {"case": case.name, "mode": mode, "format": fmt, "backend": backend if backend != "auto"
+                       else f"auto->{name}", "time_ms": t_ours * 1e3, "native_ms": t_nat * 1e3,
+                       "ratio": t_ours / t_nat, "tflops": case.flops / t_ours / 1e12, "mem_mib": mem,
+                       "operands_mib": (a.numel() + b.numel() + case.flops // (2 * case.k)) * 4 / 2**20,
+                       "target": target}
+                rows.append(row)
+                progress(_format_row(row))
+    if naive_size:
+        rows.extend(_naive_rows(configs, naive_size, device, progress))
+    return rows
+
+
+def _naive_rows(configs, size: int, device: str, progress) -> list[dict]:
+    """The naive broadcast emulation vs the auto backend at ``size``^3."""
+    a, b = Case("", 0, size, size, size).operands(device)
+    rows = []
+    for mode, fmt in configs:
+        naive = lambda fmt=fmt, mode=mode: mul(a[:, :, None], b[None, :, :], fmt, mode).sum(-2)
+        ours = lambda fmt=fmt, mode=mode: matmul(a, b, fmt, mode)
+        t_naive = best_times([naive], device, 2, 0.0)[0]
+        t_ours = best_times([ours], device, 10, 1.0)[0]
+        spec = MatmulSpec(Format.parse(fmt), mode, resolve_offset(fmt, mode), "rne", None, 1)
+        row = {"case": f"naive broadcast {size}^3", "mode": mode, "format": fmt,
+               "backend": f"auto->{resolve_backend(a[None], spec, 'auto')}", "time_ms": t_ours * 1e3,
+               "native_ms": t_naive * 1e3, "ratio": t_naive / t_ours, "tflops": 2 * size**3 / t_ours / 1e12,
+               "mem_mib": None, "operands_mib": None, "naive": True,
+               "target": NAIVE_TARGET if mode != "exact" else None}  # the target is for L-Mul modes
+        rows.append(row)
+        progress(_format_row(row))
+    return rows
+
+
+def _verdict(row: dict) -> str:
+    t = row["target"]
+    if t is None:
+        return ""
+    if row.get("naive"):
+        return "met" if row["ratio"] >= t else f"MISSED ({t / row['ratio']:.1f}x short)"
+    return "met" if row["ratio"] <= t else f"MISSED by {row['ratio'] / t:.2f}x"
+
+
+def _format_row(row: dict) -> str:
+    mem = "-" if row["mem_mib"] is None else f"{row['mem_mib']:.0f}"
+    if row.get("naive"):
+        ratio = f"{row['ratio']:.0f}x faster"
+        base = f"naive {row['native_ms']:.1f} ms"
+    else:
+        ratio = f"{row['ratio']:.2f}x"
+        base = f"native {row['native_ms']:.1f} ms"
+    tgt = "" if row["target"] is None else (f">= {row['target']:.0f}x" if row.get("naive") else f"<= {row['target']}x")
+    return (f"| {row['case']} | {row['mode']} | {row['format']} | {row['backend']} | {row['time_ms']:.1f} ms "
+            f"| {base} | {ratio} | {row['tflops']:.3f} | {mem} | {tgt} | {_verdict(row)} |")
+
+
+HEADER = ("| case | mode | format | backend | time | baseline | ratio | TFLOP/s-eq | peak extra MiB | target (CPU) "
+          "| verdict |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def machine_line(device: str) -> str:
+    if device.startswith("cuda"):
+        dev = torch.cuda.get_device_name()
+    else:
+        dev = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    dev = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{dev}, {torch.get_num_threads()} threads, torch {torch.__version__}{load}, "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def write_results(rows: list[dict], path: Path, command: str, device: str, key: str = "main") -> None:
+    """Replace the section marked ``key`` of ``path`` (created if absent) atomically."""
+    start, end = MARK.format(key=key, end="start"), MARK.format(key=key, end="end")
+    body = "\n".join([
+        start,
+        f"Machine: {machine_line(device)}. Command: `{command}`.",
+        "Ratio = lmul.matmul time (whole call: quantize, prepare, multiply, fix-up) / torch.matmul fp32 time, "
+        "best of interleaved repeats in the same run; naive rows: naive time / lmul time.",
+        "",
+        HEADER,
+        *[_format_row(r) for r in rows],
+        end,
+    ])
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if start in old and end in old:
+        new = old[: old.index(start)] + body + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + f"\n\n### L-Matmul kernels: `{key}`\n\n" + body + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md")
+    with os.fdopen(fd, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--sizes", default="512,1024,2048", help="square sizes (CPU default caps at 2048)")
+    p.add_argument("--seqs", default="512,1024", help="attention sequence lengths")
+    p.add_argument("--head-dims", default="64,128", help="attention head dims")
+    p.add_argument("--heads", type=int, default=8, help="batch*heads of the attention cases")
+    p.add_argument("--configs", default=",".join(f"{m}:{f}" for m, f in TARGETS),
+                   help="mode:format pairs, comma separated")
+    p.add_argument("--backends", default="auto", help="'auto' and/or backend names, comma separated")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repeats (best time kept)")
+    p.add_argument("--min-time", type=float, default=1.0,
+                   help="keep repeating (up to 4x reps) until this many seconds per case have passed")
+    p.add_argument("--naive-size", type=int, default=128, help="size of the naive emulation row (0: skip)")
+    p.add_argument("--out", default="benchmarks/RESULTS.md", help="results file ('' to skip writing)")
+    p.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: torch default)")
+    p.add_argument("--section", default="cpu", help="key of the RESULTS.md section this run replaces")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [tuple(c.split(":")) for c in args.configs.split(",") if c]
+    case_list = cases(_ints(args.sizes), _ints(args.seqs), _ints(args.head_dims), args.heads)
+    print(f"# {machine_line(args.device)}\n{HEADER}")
+    rows = run(configs, [b for b in args.backends.split(",") if b], case_list, args.device, args.reps,
+               args.min_time, naive_size=args.naive_size)
+    if args.out:
+        cmd = "lmul bench " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                       if k not in ("func", "command", "out", "section"))
+        write_results(rows, Path(args.out), cmd, args.device, args.section)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time L-Matmul backends against torch.matmul",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=main)

@@ -1,0 +1,272 @@
+"""Compiled CPU backend ``"cpu"``: fused quantize + operand preparation and the bit-mode
+integer kernel, in C++ (``lmul_cpu.cpp``, GCC/Clang vector extensions + OpenMP).
+
+The source is compiled with the system C++ compiler on first use (never at import) into a
+cache directory outside the repository (``$LMUL_CACHE_DIR``, default ``~/.cache/lmul``), keyed
+by a hash of the source, flags and compiler, and loaded with :mod:`ctypes` (a plain C ABI: no
+torch headers, builds in about 2 s, no ninja). ``LMUL_CXX`` overrides the compiler.
+
+* ``bit`` mode, any m: per product one 32-bit integer add of prepared bit patterns,
+  ``ia + vb`` with ``ia = |X| - (127 << 23) + (c 2^m << (23 - m)) + (sx << 31)`` and ``vb`` the
+  bits of Y; the carry of the mantissa add flows into the exponent (paper Figure 2) and the two
+  sign bits add to their XOR. A flushed Y is encoded as 0.5f with weight 0 (``acc += P * w``).
+  Register-blocked 4 rows x 64 columns, k blocks of 256. A tile where some product's exponent
+  could leave float32's normal range is computed by an exact scalar path instead.
+* ``formula`` / ``exact`` mode: fused preparation in C++, then one torch (BLAS) float32 matmul
+  (:mod:`lmul.kernels.decompose` gives the math).
+
+inf/NaN rows/columns are recomputed by the reference backend (:func:`lmul.kernels.common.fixup`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmul.formats import Format, quantize
+from lmul.kernels.common import fixup
+from lmul.kernels.registry import describe
+from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
+
+__all__ = ["load", "compiler", "cpu_matmul", "quantize_cpu", "release_workspace", "FLAGS"]
+
+SOURCE = Path(__file__).with_name("lmul_cpu.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_LIB: Optional[ctypes.CDLL] = None
+_BUILD_ERROR: Optional[str] = None
+
+
+class _QParams(ctypes.Structure):
+    _fields_ = [("man_bits", ctypes.c_int32), ("emin", ctypes.c_int32), ("trunc", ctypes.c_int32),
+                ("has_inf", ctypes.c_int32), ("fmax", ctypes.c_float)]
+
+
+def compiler() -> Optional[str]:
+    """The C++ compiler used (``$LMUL_CXX``, else c++/g++/clang++ on PATH), or None."""
+    env = os.environ.get("LMUL_CXX")
+    if env:
+        return shutil.which(env)
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") or line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LMUL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmul")
+    return Path(root)
+
+
+def load() -> ctypes.CDLL:
+    """Compile (once, cached) and load the kernels; raise RuntimeError with the compiler output."""
+    global _LIB, _BUILD_ERROR
+    if _LIB is not None:
+        return _LIB
+    if _BUILD_ERROR is not None:
+        raise RuntimeError(_BUILD_ERROR)
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set LMUL_CXX or install g++/clang++)")
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(), _cpu_model().encode(),
+                 platform.machine().encode()):
+        key.update(part)
+    target = _cache_dir() / f"lmul_cpu_{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        proc = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            _BUILD_ERROR = f"compiling {SOURCE.name} with {cxx} failed:\n{proc.stderr[-4000:]}"
+            raise RuntimeError(_BUILD_ERROR)
+        os.replace(tmp, target)  # atomic: concurrent builders end with the same file
+    lib = ctypes.CDLL(str(target))
+    lib.lmul_strip_width.restype = ctypes.c_int
+    lib.lmul_k_block.restype = ctypes.c_int
+    _LIB = lib
+    return lib
+
+
+def _qparams(fmt: Format, rounding: str) -> _QParams:
+    return _QParams(fmt.man_bits, fmt.emin, int(rounding == "trunc"), int(fmt.has_inf), float(fmt.max))
+
+
+_WORKSPACE = threading.local()
+
+
+def _buffer(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch tensor reused across calls: fresh large allocations cost a page fault
+    per 4 KiB on first touch (about as much as preparing the operand). Never returned to callers."""
+    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = bufs.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = bufs[name] = torch.empty(max(numel, 1), dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (they otherwise stay at the largest call's size)."""
+    _WORKSPACE.__dict__.pop("bufs", None)
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+PARALLEL_MIN_WORK = 1 << 22  # below this many elements/products a call runs on one thread
+
+
+def _threads(work: int = PARALLEL_MIN_WORK) -> int:
+    """torch's thread count, or 1 for small work (a thread team's barrier costs more there,
+    and far more when the cores are oversubscribed)."""
+    return max(1, torch.get_num_threads()) if work >= PARALLEL_MIN_WORK else 1
+
+
+def _as_f32(x: torch.Tensor, fmt: Format, rounding: str) -> torch.Tensor:
+    """Contiguous float32 whose quantization equals ``quantize(x)``: float64 is quantized here
+    (once, from float64), narrower dtypes convert exactly; the kernels re-quantize (idempotent)."""
+    x = x.detach()
+    if x.dtype == torch.float64:
+        x = quantize(x, fmt, rounding)
+    return x.to(torch.float32).contiguous()
+
+
+def quantize_cpu(x: torch.Tensor, fmt: Format, rounding: str = "rne") -> torch.Tensor:
+    """The C++ quantizer (saturating overflow), same bits as :func:`lmul.formats.quantize`."""
+    lib = load()
+    xs = _as_f32(x, fmt, rounding)
+    out = torch.empty_like(xs)
+    lib.lmul_quantize(_ptr(xs), ctypes.c_int64(xs.numel()), _ptr(out), ctypes.byref(_qparams(fmt, rounding)),
+                      _threads(16 * xs.numel()))
+    return out
+
+
+def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -> tuple:
+    """One C call each for: left prep, right prep (packed strips), kernel; all batches at once."""
+    bsz, m_rows, k = a.shape
+    n = b.shape[-1]
+    qp = ctypes.byref(_qparams(spec.fmt, spec.rounding))
+    m = spec.fmt.man_bits
+    off = int(spec.offset * 2**m)
+    js, kb = lib.lmul_strip_width(), lib.lmul_k_block()
+    ns, nkb = -(-n // js), -(-k // kb)
+    rows_pad = -(-m_rows // 4) * 4
+    nt_a, nt_b, nt = _threads(16 * a.numel()), _threads(16 * b.numel()), _threads(bsz * m_rows * k * n)
+    i64 = ctypes.c_int64
+    rowflag = torch.empty(bsz, rows_pad, dtype=torch.uint8)
+    colflag = torch.empty(bsz, n, dtype=torch.uint8)
+    ia = _buffer("ia", (bsz, rows_pad, k), torch.int32)
+    nz = _buffer("nz", (bsz, rows_pad, k), torch.uint8)
+    afmn = torch.empty(bsz, rows_pad, nkb, dtype=torch.int16)
+    afmx = torch.empty(bsz, rows_pad, nkb, dtype=torch.int16)
+    vb = _buffer("vb", (bsz, ns, k, js), torch.int32)
+    wb = _buffer("wb", (bsz, ns, k, js), torch.float32)
+    bfmn = torch.empty(bsz, nkb, ns, dtype=torch.int16)
+    bfmx = torch.empty(bsz, nkb, ns, dtype=torch.int16)
+    acc = torch.empty(bsz, rows_pad, ns * js, dtype=torch.float32)
+    lib.lmul_prep_bit_a(_ptr(a), i64(bsz), i64(m_rows), i64(rows_pad), i64(k), _ptr(ia), _ptr(nz), _ptr(afmn),
+                        _ptr(afmx), _ptr(rowflag), qp, off, nt_a)
+    lib.lmul_prep_bit_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(vb), _ptr(wb), _ptr(bfmn), _ptr(bfmx),
+                        _ptr(colflag), qp, nt_b)
+    lib.lmul_bit_matmul(_ptr(ia), _ptr(nz), _ptr(afmn), _ptr(afmx), i64(bsz), i64(rows_pad), i64(k), _ptr(vb),
+                        _ptr(wb), _ptr(bfmn), _ptr(bfmx), i64(ns), _ptr(acc), m, off, nt)
+    out = acc if (rows_pad, ns * js) == (m_rows, n) else acc[:, :m_rows, :n]
+    return out, rowflag[:, :m_rows].bool(), colflag.bool()
+
+
+def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -> tuple:
+    bsz, m_rows, k = a.shape
+    n = b.shape[-1]
+    qp = ctypes.byref(_qparams(spec.fmt, spec.rounding))
+    nt_a, nt_b = _threads(16 * a.numel()), _threads(16 * b.numel())
+    i64 = ctypes.c_int64
+    rowflag = torch.empty(bsz, m_rows, dtype=torch.uint8)
+    colflag = torch.empty(bsz, n, dtype=torch.uint8)
+    if spec.mode == "formula":
+        left = _buffer("left", (bsz, m_rows, 2 * k), torch.float32)
+        right = _buffer("right", (bsz, 2 * k, n), torch.float32)
+        lib.lmul_prep_formula_a(_ptr(a), i64(bsz * m_rows), i64(k), _ptr(left), _ptr(rowflag), qp, nt_a)
+        lib.lmul_prep_formula_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(colflag), qp,
+                                ctypes.c_double(spec.offset), nt_b)
+    else:
+        left = _buffer("left", (bsz, m_rows, k), torch.float32)
+        right = _buffer("right", (bsz, k, n), torch.float32)
+        junk_r = torch.empty(bsz * k, dtype=torch.uint8)
+        junk_c = torch.empty(bsz * k, dtype=torch.uint8)
+        lib.lmul_prep_exact(_ptr(a), i64(bsz), i64(m_rows), i64(k), _ptr(left), _ptr(rowflag), _ptr(junk_c), qp,
+                            nt_a)
+        lib.lmul_prep_exact(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(junk_r), _ptr(colflag), qp,
+                            nt_b)
+    return torch.matmul(left, right), rowflag.bool(), colflag.bool()
+
+
+def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torch.Tensor:
+    """[B, M, K] x [B, K, N] -> [B, M, N] float32 on the CPU (see the module docstring)."""
+    lib = load()
+    a32 = _as_f32(a, spec.fmt, spec.rounding)
+    b32 = _as_f32(b, spec.fmt, spec.rounding)
+    if 0 in a32.shape or 0 in b32.shape:
+        return torch.zeros(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.float32)
+    if spec.mode == "bit":
+        out, rows, cols = _bit(a32, b32, spec, lib)
+    else:
+        out, rows, cols = _formula_or_exact(a32, b32, spec, lib)
+    return fixup(out, a, b, spec, rows, cols)
+
+
+def _machine() -> Optional[str]:
+    if _BUILD_ERROR is not None:
+        return _BUILD_ERROR.splitlines()[0]
+    if compiler() is None:
+        return "no C++ compiler found (set LMUL_CXX or install g++/clang++)"
+    return None
+
+
+def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
+    if a.device.type != "cpu":
+        return f"CPU only, operands are on {a.device}"
+    if spec.acc is not None:
+        return f"reduced-precision accumulation (acc={spec.acc.name}) runs on the reference backend only"
+    if spec.mode == "formula" and (spec.offset * 2**23) != int(spec.offset * 2**23):
+        return f"formula mode needs the offset to be a multiple of 2^-23 (exact split), got {spec.offset!r}"
+    why = _machine()
+    if why:
+        return why
+    try:
+        load()  # first use compiles; a failure makes the backend unavailable with the reason
+    except RuntimeError as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+register_backend("cpu", cpu_matmul, _unavailable)
+describe("cpu", "compiled C++ (OpenMP, SIMD): bit mode integer kernel (any m), fused prep + BLAS for formula/exact",
+         _machine)
+AUTO_ORDER.insert(0, "cpu")

@@ -1,0 +1,114 @@
+"""L-Matmul as ordinary matmuls of prepared operands (pure torch: any device, BLAS / cuBLAS).
+
+Write ``X`` for a quantized operand (flushed to 0 when zero or subnormal), ``X^ = sign(x) 2^xe``
+(0 when flushed) and ``M_x`` its m-bit mantissa field, likewise for ``y``.
+
+* ``formula`` (paper Eq. 1): ``P = (1 + xm + ym + c) 2^(xe+ye) = X Y^ + X^ (Y + (c-1) Y^)``, so
+  ``C = [A, A^] @ [B^ ; B + (c-1) B^]``: one matmul with K doubled. Both terms are exact in
+  float32 (a value with <= 24 significant bits times a power of two; ``Y + (c-1) Y^ =
+  sign (M_y 2^-m + c) 2^ye`` has <= 24 bits when c is a multiple of 2^-23 and its last bit is
+  >= 2^-149) and have the same sign, so they sum without cancellation.
+* ``bit`` with ``m <= 4`` (paper Eq. 2): ``P = X^ Y^ g(M_x, M_y)`` with the carry factor
+  ``g = 2^q (1 + (S - q 2^m) / 2^m)``, ``S = M_x + M_y + c 2^m``. One-hot expansion of ``M_x``:
+  ``C = sum_v [M_A == v] A^ @ (B^ g(v, M_B))``: one matmul with K times 2^m. Each product is one
+  exact float32 multiply of ``X^`` and ``Y^ g`` (rounded once, like the reference). ``Y^ g``
+  overflows float32 only for ``|y| >= 2^127``: such columns are recomputed by the reference.
+* ``exact``: ``C = quantize(A) @ quantize(B)``.
+
+Rows/columns holding inf or NaN are recomputed by the reference backend
+(:func:`lmul.kernels.common.fixup`). Float32 matmuls run with TF32 disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from lmul.formats import quantize
+from lmul.kernels.common import fixup, split_normal
+from lmul.kernels.registry import describe
+from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
+
+__all__ = ["decompose_matmul", "MAX_BIT_MAN_BITS", "carry_table"]
+
+MAX_BIT_MAN_BITS = 4  # bit mode expands K by 2^m
+
+
+def carry_table(m: int, off: int, device: torch.device) -> torch.Tensor:
+    """``g[v, w] = 2^q (1 + (S - q 2^m) / 2^m)`` with ``S = v + w + off``, float32 [2^m, 2^m]."""
+    v = torch.arange(1 << m, device=device, dtype=torch.int64)
+    s = v[:, None] + v[None, :] + off
+    q = s >> m
+    return ((s - (q << m) + (1 << m)).double() * torch.pow(2.0, (q - m).double())).float()
+
+
+@contextlib.contextmanager
+def _no_tf32(device: torch.device):
+    """fp32 matmuls must be true fp32 (products exact); restore the caller's setting after."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _special(x: torch.Tensor, dim: int, top_binade: bool = False) -> torch.Tensor:
+    """Rows (dim=-1) or columns (dim=-2) that hold inf/NaN (or |x| >= 2^127)."""
+    bad = ~torch.isfinite(x)
+    if top_binade:
+        bad |= x.abs() >= 2.0**127
+    return bad.any(dim)
+
+
+def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torch.Tensor:
+    """[B, M, K] x [B, K, N] -> [B, M, N] float32 by the decompositions above."""
+    a = a.detach()
+    b = b.detach()
+    aq = quantize(a, spec.fmt, spec.rounding)
+    bq = quantize(b, spec.fmt, spec.rounding)
+    m = spec.fmt.man_bits
+    with _no_tf32(a.device):
+        if spec.mode == "exact":
+            out = torch.matmul(aq, bq)
+            rows, cols = _special(aq, -1), _special(bq, -2)
+        elif spec.mode == "formula":
+            xa, ha, _ = split_normal(aq, spec.fmt)
+            xb, hb, _ = split_normal(bq, spec.fmt)
+            left = torch.cat([xa, ha], dim=-1)                          # [B, M, 2K]
+            right = torch.cat([hb, xb + (spec.offset - 1.0) * hb], dim=-2)  # [B, 2K, N], exact
+            out = torch.matmul(left, right)
+            rows, cols = _special(aq, -1), _special(bq, -2)
+        else:  # bit, m <= 4
+            off = int(spec.offset * 2**m)
+            _, ha, ma = split_normal(aq, spec.fmt)
+            _, hb, mb = split_normal(bq, spec.fmt)
+            g = carry_table(m, off, a.device)                           # [2^m, 2^m]
+            v = torch.arange(1 << m, device=a.device, dtype=torch.int32)
+            left = torch.where(ma[..., None, :] == v[:, None], ha[..., None, :], 0.0)  # [B, M, 2^m, K]
+            right = hb[..., None, :, :] * g[:, mb.long()].movedim(0, -3)               # [B, 2^m, K, N]
+            out = torch.matmul(left.flatten(-2), right.flatten(-3, -2))
+            rows, cols = _special(aq, -1), _special(bq, -2, top_binade=True)
+    return fixup(out, a, b, spec, rows, cols)
+
+
+def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
+    if spec.acc is not None:
+        return f"reduced-precision accumulation (acc={spec.acc.name}) runs on the reference backend only"
+    if spec.mode == "bit" and spec.fmt.man_bits > MAX_BIT_MAN_BITS:
+        m = spec.fmt.man_bits
+        return f"bit mode needs m <= {MAX_BIT_MAN_BITS} here (K grows by 2^m), {spec.fmt.name} has m={m}"
+    if spec.mode == "formula" and (spec.offset * 2**23) != int(spec.offset * 2**23):
+        return f"formula mode needs the offset to be a multiple of 2^-23 (exact split), got {spec.offset!r}"
+    return None
+
+
+register_backend("decompose", decompose_matmul, _unavailable)
+describe("decompose", "torch matmuls of prepared operands, any device: formula (K x2), bit m<=4 (K x2^m), exact",
+         lambda: None)
+AUTO_ORDER.insert(AUTO_ORDER.index("reference"), "decompose")

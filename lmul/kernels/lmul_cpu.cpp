@@ -1,0 +1,362 @@
+// lmul CPU kernels: fused quantize + operand preparation, and the bit-mode L-Matmul integer kernel.
+// Plain C++ (GCC/Clang vector extensions + OpenMP), loaded with ctypes by lmul/kernels/cpu_ext.py.
+// The math is in docs/kernels.md; the contract in docs/semantics.md (SPEC sections 1, 2, 4).
+//
+// float32 layout: [s|eeeeeeee|mmmmmmmmmmmmmmmmmmmmmmm]; a value of an m-bit format keeps its m-bit
+// mantissa field in the top m bits of the 23-bit field (the rest are zero).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+
+extern "C" {
+
+struct QParams {
+    int32_t man_bits;   // m
+    int32_t emin;       // smallest normal exponent of the format
+    int32_t trunc;      // 1: round toward zero, 0: round to nearest even
+    int32_t has_inf;    // IEEE-like format (inf kept) vs finite-only (inf saturates)
+    float fmax;         // largest finite value of the format
+};
+
+}  // extern "C"
+
+static inline uint32_t f2u(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+static inline float u2f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+
+// quantize one float32 to the format (saturating overflow), as lmul.formats.quantize; returns
+// bits. Branchless (selects only) so that loops over it vectorise.
+static inline uint32_t quant_bits(float x, const QParams& p) {
+    const uint32_t bits = f2u(x);
+    const uint32_t sign = bits & 0x80000000u, mag = bits & 0x7FFFFFFFu;
+    const int32_t field = (int32_t)(mag >> 23);
+    const int32_t e = std::max(field, 1) - 127;
+    const uint32_t sig = (mag & 0x7FFFFFu) | (field > 0 ? 0x800000u : 0u);  // |x| = sig 2^(e-23)
+    const int32_t shift = std::min(23 - p.man_bits + std::max(p.emin - e, 0), 25);
+    uint32_t q = sig >> shift;
+    const uint32_t rem = sig - (q << shift), half = (1u << shift) >> 1;
+    const bool up = !p.trunc && shift > 0 && (rem > half || (rem == half && (q & 1u)));
+    q += up ? 1u : 0u;
+    // q 2^(e' - m): q <= 2^24 converts exactly, the power of two (>= 2^-149) is built from
+    // bits, and the product is representable, so the multiply is exact
+    const int32_t pe = std::max(e, p.emin) - p.man_bits;
+    const uint32_t sbits = pe >= -126 ? (uint32_t)(pe + 127) << 23 : 1u << std::max(pe + 149, 0);
+    float out = (float)(int32_t)q * u2f(sbits);
+    out = out > p.fmax ? p.fmax : out;                                       // saturate
+    uint32_t res = f2u(out);
+    res = mag == 0x7F800000u ? (p.has_inf ? 0x7F800000u : f2u(p.fmax)) : res;  // inf
+    res = mag > 0x7F800000u ? 0x7FC00000u : res;                             // NaN
+    return res | sign;
+}
+
+// a quantized value's status: 0 zero/subnormal (flushed by L-Mul), 1 normal, 2 inf/NaN
+static inline int kind_of(uint32_t qb, const QParams& p) {
+    const int32_t field = (int32_t)((qb >> 23) & 0xFF);
+    return field == 255 ? 2 : (field >= p.emin + 127 && field > 0 ? 1 : 0);
+}
+
+// 1 if any of x[0..n) is inf/NaN (exactly the entries whose quantized value is inf/NaN)
+static inline int any_nonfinite(const float* x, int64_t n) {
+    uint32_t acc = 0;
+    for (int64_t i = 0; i < n; ++i) acc |= (f2u(x[i]) & 0x7F800000u) == 0x7F800000u ? 1u : 0u;
+    return acc != 0;
+}
+
+extern "C" {
+
+void lmul_quantize(const float* x, int64_t n, float* out, const QParams* p, int nt) {
+    const QParams q = *p;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = u2f(quant_bits(x[i], q));
+}
+
+// formula mode, left operand: out[r] = [X | X^] (rows x 2K); X flushed to 0 if zero/subnormal,
+// X^ = sign 2^xe (0 if flushed). rowflag[r] = 1 if the row holds inf/NaN (recomputed elsewhere).
+void lmul_prep_formula_a(const float* x, int64_t rows, int64_t K, float* out, uint8_t* rowflag,
+                         const QParams* p, int nt) {
+    const QParams q = *p;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * K;
+        float* o1 = out + r * 2 * K;
+        float* o2 = o1 + K;
+        for (int64_t k = 0; k < K; ++k) {
+            const uint32_t qb = quant_bits(xr[k], q);
+            const bool normal = kind_of(qb, q) == 1;
+            o1[k] = u2f(normal ? qb : 0u);
+            o2[k] = u2f(normal ? (qb & 0xFF800000u) : 0u);  // [s|e|0...0] = sign 2^e
+        }
+        rowflag[r] = (uint8_t)any_nonfinite(xr, K);
+    }
+}
+
+// formula mode, right operand (nb batches of K x N, row-major): out = [Y^ ; Y + (c-1) Y^]
+// (nb x 2K x N) where Y + (c-1) Y^ = sign (ym + c) 2^ye, exact in float32 when c is a multiple
+// of 2^-23. colflag[b * N + j] = 1 if that column holds inf/NaN.
+void lmul_prep_formula_b(const float* y, int64_t nb, int64_t K, int64_t N, float* out, uint8_t* colflag,
+                         const QParams* p, double c, int nt) {
+    const QParams q = *p;
+    const float cm1 = (float)(c - 1.0);  // exact: c is a multiple of 2^-23 in [0, 1)
+    std::memset(colflag, 0, (size_t)(nb * N));
+#pragma omp parallel num_threads(nt)
+    {
+        uint8_t* local = new uint8_t[nb * N]();
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t bk = 0; bk < nb * K; ++bk) {
+            const int64_t b = bk / K, k = bk % K;
+            const float* yr = y + bk * N;
+            float* o1 = out + (b * 2 * K + k) * N;
+            float* o2 = out + (b * 2 * K + K + k) * N;
+            uint8_t* lf = local + b * N;
+            for (int64_t j = 0; j < N; ++j) {
+                const uint32_t qb = quant_bits(yr[j], q);
+                const int kd = kind_of(qb, q);
+                lf[j] |= (uint8_t)(kd == 2);
+                const float hat = u2f(kd == 1 ? (qb & 0xFF800000u) : 0u);
+                const float val = u2f(kd == 1 ? qb : 0u);
+                o1[j] = hat;
+                o2[j] = val + cm1 * hat;  // sign (ym + c) 2^ye: exact (see above)
+            }
+        }
+#pragma omp critical
+        for (int64_t j = 0; j < nb * N; ++j) colflag[j] |= local[j];
+        delete[] local;
+    }
+}
+
+// exact mode: quantize nb batches of rows x cols, zero the inf/NaN entries and flag their rows
+// (rowflag[b * rows + r]) and columns (colflag[b * cols + j])
+void lmul_prep_exact(const float* x, int64_t nb, int64_t rows, int64_t cols, float* out, uint8_t* rowflag,
+                     uint8_t* colflag, const QParams* p, int nt) {
+    const QParams q = *p;
+    std::memset(colflag, 0, (size_t)(nb * cols));
+#pragma omp parallel num_threads(nt)
+    {
+        uint8_t* local = new uint8_t[nb * cols]();
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t r = 0; r < nb * rows; ++r) {
+            uint8_t flag = 0;
+            uint8_t* lf = local + (r / rows) * cols;
+            for (int64_t j = 0; j < cols; ++j) {
+                uint32_t qb = quant_bits(x[r * cols + j], q);
+                bool bad = (qb & 0x7FFFFFFFu) >= 0x7F800000u;
+                flag |= bad;
+                lf[j] |= bad;
+                out[r * cols + j] = bad ? 0.0f : u2f(qb);
+            }
+            rowflag[r] = flag;
+        }
+#pragma omp critical
+        for (int64_t j = 0; j < nb * cols; ++j) colflag[j] |= local[j];
+        delete[] local;
+    }
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// bit mode, any m: P bits = (|X| + |Y| - ((127 << 23) - (c 2^m << (23 - m)))) with sign XOR,
+// valid while the product's exponent field stays in 1..254 (checked per tile, else exact scalar).
+// Left operand  ia = |X| - (127 << 23) + (off << (23 - m)) + (sx << 31)  (uint32, wraps), nz flag.
+// Right operand packed in strips of JS columns: vb[s][k][JS] = bits of Y (0.5f if flushed),
+// wb[s][k][JS] = 1.0f (normal) or 0.0f (zero/subnormal/inf/NaN/padding).
+// Since (sx << 31) + (sy << 31) == (sx ^ sy) << 31 mod 2^32, one integer add gives sign and
+// magnitude. A flushed Y gives ia + 0x3F000000, a finite float (field fx - 1 + carry) times 0.
+static const int KB = 256;       // k block (tile range checks are per row x k block x strip)
+static const int NV = 4;         // 16-lane vectors per strip
+static const int JS = 16 * NV;   // strip width
+static const int SG = 4;         // strips per L2-resident B block (KB x SG*JS x 8 bytes = 512 KiB)
+static const int RBQ = 16;       // row quads per parallel task (64 rows)
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(64)));
+
+static inline float bit_product_exact(uint32_t ab, uint32_t bb, int m, int off) {
+    // both normal and finite; the reference formula evaluated in double, rounded once
+    int fa = (int)((ab >> 23) & 0xFF), fb = (int)((bb >> 23) & 0xFF);
+    int ma = (int)((ab & 0x7FFFFFu) >> (23 - m)), mb = (int)((bb & 0x7FFFFFu) >> (23 - m));
+    int S = ma + mb + off, qc = S >> m;
+    int sig = S - (qc << m) + (1 << m);
+    float v = (float)std::ldexp((double)sig, (fa - 127) + (fb - 127) + qc - m);
+    return ((ab ^ bb) & 0x80000000u) ? -v : v;
+}
+
+extern "C" {
+
+int lmul_strip_width() { return JS; }
+int lmul_k_block() { return KB; }
+
+// left operand: nb batches of M x K -> ia, nz [nb][rows_pad][K] (padding rows: nz = 0), per
+// (row, k block) min/max exponent field of the normal entries (fmin > fmax when none),
+// rowflag[b * rows_pad + r] for inf/NaN rows.
+void lmul_prep_bit_a(const float* x, int64_t nb, int64_t M, int64_t rows_pad, int64_t Kin, uint32_t* ia,
+                     uint8_t* nz, int16_t* fmn, int16_t* fmx, uint8_t* rowflag, const QParams* p, int off,
+                     int nt) {
+    const QParams q = *p;
+    const int m = q.man_bits;
+    const uint32_t addc = (uint32_t)off << (23 - m);
+    const int64_t nkb = (Kin + KB - 1) / KB;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
+    for (int64_t br = 0; br < nb * rows_pad; ++br) {
+        const int64_t b = br / rows_pad, r = br % rows_pad;
+        const int64_t K = Kin;  // a local copy: the stores below cannot alias it
+        uint32_t* iar = ia + br * K;
+        uint8_t* nzr = nz + br * K;
+        if (r >= M) {  // padding row
+            for (int64_t k = 0; k < K; ++k) { iar[k] = 0; nzr[k] = 0; }
+            for (int64_t kb = 0; kb < nkb; ++kb) { fmn[br * nkb + kb] = 1000; fmx[br * nkb + kb] = -1000; }
+            rowflag[br] = 0;
+            continue;
+        }
+        const float* xr = x + (b * M + r) * K;
+        for (int64_t k = 0; k < K; ++k) {
+            const uint32_t qb = quant_bits(xr[k], q);
+            const bool normal = kind_of(qb, q) == 1;
+            iar[k] = normal ? (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u) : 0u;
+            nzr[k] = (uint8_t)normal;
+        }
+        for (int64_t kb = 0; kb < nkb; ++kb) {  // exponent field range of the normal entries
+            int lo = 1000, hi = -1000;
+            const int64_t k1 = std::min(K, (kb + 1) * KB);
+            for (int64_t k = kb * KB; k < k1; ++k) {
+                // ia + (127 << 23) - addc restores the quantized bits; field = bits 23..30
+                const int f = (int)(((iar[k] + (127u << 23) - addc) >> 23) & 0xFF);
+                lo = std::min(lo, nzr[k] ? f : 1000);
+                hi = std::max(hi, nzr[k] ? f : -1000);
+            }
+            fmn[br * nkb + kb] = (int16_t)lo;
+            fmx[br * nkb + kb] = (int16_t)hi;
+        }
+        rowflag[br] = (uint8_t)any_nonfinite(xr, K);
+    }
+}
+
+// right operand: nb batches of K x N -> packed vb, wb [nb][ns][K][JS], per (batch, k block,
+// strip) min/max field [nb][nkb][ns], colflag[b * N + j]
+void lmul_prep_bit_b(const float* y, int64_t nb, int64_t K, int64_t N, uint32_t* vb, float* wb, int16_t* fmn,
+                     int16_t* fmx, uint8_t* colflag, const QParams* p, int nt) {
+    const QParams q = *p;
+    const int64_t ns = (N + JS - 1) / JS, nkb = (K + KB - 1) / KB;
+    std::memset(colflag, 0, (size_t)(nb * N));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(3)
+    for (int64_t bt = 0; bt < nb; ++bt) {
+        for (int64_t s = 0; s < ns; ++s) {
+            for (int64_t b = 0; b < nkb; ++b) {
+                int lo = 1000, hi = -1000;
+                const float* yb = y + bt * K * N;
+                for (int64_t k = b * KB; k < std::min(K, (b + 1) * KB); ++k) {
+                    uint32_t* vo = vb + ((bt * ns + s) * K + k) * JS;
+                    float* wo = wb + ((bt * ns + s) * K + k) * JS;
+                    const int64_t jn = std::min<int64_t>(JS, N - s * JS);
+                    const float* yr = yb + k * N + s * JS;
+                    uint8_t bad = 0;
+                    for (int j = 0; j < JS; ++j) {
+                        const uint32_t qb = j < jn ? quant_bits(yr[j < jn ? j : 0], q) : 0u;
+                        const int kd = kind_of(qb, q);
+                        const int f = (int)((qb >> 23) & 0xFF);
+                        bad |= (uint8_t)(kd == 2);
+                        lo = std::min(lo, kd == 1 ? f : 1000);
+                        hi = std::max(hi, kd == 1 ? f : -1000);
+                        vo[j] = kd == 1 ? qb : 0x3F000000u;
+                        wo[j] = kd == 1 ? 1.0f : 0.0f;
+                    }
+                    if (bad)  // rare: mark the columns (benign race: every writer stores 1)
+                        for (int j = 0; j < jn; ++j)
+                            if (kind_of(quant_bits(yr[j], q), q) == 2) colflag[bt * N + s * JS + j] = 1;
+                }
+                fmn[(bt * nkb + b) * ns + s] = (int16_t)lo;
+                fmx[(bt * nkb + b) * ns + s] = (int16_t)hi;
+            }
+        }
+    }
+}
+
+// C [nb][rows_pad][ns*JS] = bit-mode L-Matmul of the prepared operands (nb batches).
+// rows_pad is a multiple of 4 (padding rows have nz = 0).
+void lmul_bit_matmul(const uint32_t* ia_all, const uint8_t* nz_all, const int16_t* afmn_all,
+                     const int16_t* afmx_all, int64_t nb, int64_t rows_pad, int64_t K, const uint32_t* vb_all,
+                     const float* wb_all, const int16_t* bfmn_all, const int16_t* bfmx_all, int64_t ns,
+                     float* C_all, int m, int off, int nt) {
+    const int64_t nkb = (K + KB - 1) / KB, ldc = ns * JS, nquads = rows_pad / 4;
+    const uint32_t addc = (uint32_t)off << (23 - m);
+    // (batch, block of RB rows) in parallel; inside: groups of SG strips (B block of KB x SG*JS
+    // stays in L2 while all row quads of the block use it), k blocks, row quads, strips
+    const int64_t nrb = (nquads + RBQ - 1) / RBQ;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t bq = 0; bq < nb * nrb; ++bq) {
+        const int64_t bt = bq / nrb, q0 = (bq % nrb) * RBQ, q1 = std::min(nquads, q0 + RBQ);
+        const uint32_t* ia = ia_all + bt * rows_pad * K;
+        const uint8_t* nz = nz_all + bt * rows_pad * K;
+        const int16_t* afmn = afmn_all + bt * rows_pad * nkb;
+        const int16_t* afmx = afmx_all + bt * rows_pad * nkb;
+        const uint32_t* vb = vb_all + bt * ns * K * JS;
+        const float* wb = wb_all + bt * ns * K * JS;
+        const int16_t* bfmn = bfmn_all + bt * nkb * ns;
+        const int16_t* bfmx = bfmx_all + bt * nkb * ns;
+        float* C = C_all + bt * rows_pad * ldc;
+        std::memset(C + q0 * 4 * ldc, 0, sizeof(float) * 4 * ldc * (q1 - q0));
+        for (int64_t s0 = 0; s0 < ns; s0 += SG)
+        for (int64_t b = 0; b < nkb; ++b)
+        for (int64_t qd = q0; qd < q1; ++qd) {
+            const int64_t i0 = qd * 4;
+            const int64_t k0 = b * KB, k1 = std::min(K, k0 + KB);
+            int alo = 1000, ahi = -1000;
+            for (int r = 0; r < 4; ++r) {
+                alo = std::min(alo, (int)afmn[(i0 + r) * nkb + b]);
+                ahi = std::max(ahi, (int)afmx[(i0 + r) * nkb + b]);
+            }
+            if (ahi < 0) continue;  // no normal entry in these rows and this k block
+            for (int64_t s = s0; s < std::min(ns, s0 + SG); ++s) {
+                const int blo = bfmn[b * ns + s], bhi = bfmx[b * ns + s];
+                if (bhi < 0) continue;
+                float* crow[4];
+                for (int r = 0; r < 4; ++r) crow[r] = C + (i0 + r) * ldc + s * JS;
+                const bool fast = (ahi + bhi - 127 + 2 <= 254) && (alo + blo - 127 >= 1);
+                if (fast) {
+                    vf acc[4][NV];
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NV; ++v) std::memcpy(&acc[r][v], crow[r] + 16 * v, 64);
+                    for (int64_t k = k0; k < k1; ++k) {
+                        const vu* pb = (const vu*)(vb + (s * K + k) * JS);
+                        const vf* pw = (const vf*)(wb + (s * K + k) * JS);
+                        const uint8_t n0 = nz[i0 * K + k], n1 = nz[(i0 + 1) * K + k];
+                        const uint8_t n2 = nz[(i0 + 2) * K + k], n3 = nz[(i0 + 3) * K + k];
+                        if (n0 & n1 & n2 & n3) {
+                            vu a0 = (vu){} + ia[i0 * K + k], a1 = (vu){} + ia[(i0 + 1) * K + k];
+                            vu a2 = (vu){} + ia[(i0 + 2) * K + k], a3 = (vu){} + ia[(i0 + 3) * K + k];
+                            for (int v = 0; v < NV; ++v) {
+                                vu bv = pb[v];
+                                vf w = pw[v];
+                                acc[0][v] += (vf)(bv + a0) * w;
+                                acc[1][v] += (vf)(bv + a1) * w;
+                                acc[2][v] += (vf)(bv + a2) * w;
+                                acc[3][v] += (vf)(bv + a3) * w;
+                            }
+                        } else if (n0 | n1 | n2 | n3) {
+                            const uint8_t nn[4] = {n0, n1, n2, n3};
+                            for (int r = 0; r < 4; ++r) {
+                                if (!nn[r]) continue;
+                                vu a = (vu){} + ia[(i0 + r) * K + k];
+                                for (int v = 0; v < NV; ++v) acc[r][v] += (vf)(pb[v] + a) * pw[v];
+                            }
+                        }
+                    }
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NV; ++v) std::memcpy(crow[r] + 16 * v, &acc[r][v], 64);
+                } else {  // extreme exponents somewhere in this tile: exact scalar products
+                    for (int r = 0; r < 4; ++r) {
+                        for (int64_t k = k0; k < k1; ++k) {
+                            if (!nz[(i0 + r) * K + k]) continue;
+                            const uint32_t ab = ia[(i0 + r) * K + k] - addc + (127u << 23);
+                            const uint32_t* pb = vb + (s * K + k) * JS;
+                            const float* pw = wb + (s * K + k) * JS;
+                            for (int j = 0; j < JS; ++j)
+                                if (pw[j] != 0.0f) crow[r][j] += bit_product_exact(ab, pb[j], m, off);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // extern "C"
