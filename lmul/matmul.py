@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import torch
 
+from lmul.autograd import LMatmulFunction  # straight-through gradient, docs/kernels.md
 from lmul.formats import Format, FormatLike, Rounding, check_float, quantize
 from lmul.ops import Mode, products, resolve_offset
 
@@ -183,8 +184,6 @@ def matmul(
     a3, b3, _, shape_out = _broadcast(a, b)
     name = resolve_backend(a3, spec, backend)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        from lmul.kernels.autograd import LMatmulFunction  # straight-through gradient, docs/kernels.md
-
         run = lambda x, y: shape_out(BACKENDS[name][0](*_broadcast(x, y)[:2], spec))
         return LMatmulFunction.apply(a, b, run, fmt, rounding)
     return shape_out(BACKENDS[name][0](a3, b3, spec))

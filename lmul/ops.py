@@ -23,6 +23,7 @@ from typing import Literal, Optional
 
 import torch
 
+from lmul.autograd import LMulFunction  # straight-through gradient, docs/kernels.md
 from lmul.formats import Format, FormatLike, Rounding, check_float, pow2, quantize
 
 __all__ = ["Mode", "MODES", "mul", "offset_exponent", "resolve_offset", "products"]
@@ -141,8 +142,6 @@ def mul(
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not broadcast") from err
     c = resolve_offset(fmt, mode, offset)
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-        from lmul.kernels.autograd import LMulFunction  # straight-through gradient, docs/kernels.md
-
         run = lambda u, v: products(quantize(u, fmt, rounding), quantize(v, fmt, rounding), fmt, mode, c)
         return LMulFunction.apply(x, y, run, fmt, rounding)
     xq = quantize(x, fmt, rounding)
