@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import torch
-from conftest import needs_cuda
-from test_kernels import _all_8bit_values, _assert_same_bits, _assert_within_tolerance, _edge_values
+from tests.conftest import needs_cuda
+from tests.test_kernels import _all_8bit_values, _assert_same_bits, _assert_within_tolerance, _edge_values
 
 from lmul.formats import Format, quantize
 from lmul.matmul import MatmulSpec, matmul
