@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 # modules that provide register(subparsers) -> adds one or more subcommands
 _COMMAND_MODULES = [
     "lmul.demo",
+    "lmul.eval.cli",
 ]
 
 
