@@ -14,3 +14,10 @@ __all__ = [
     "BACKENDS", "BF16", "E4M3", "E5M2", "FP16", "FP32", "Format", "MODES",
     "matmul", "mul", "offset_exponent", "quantize", "__version__",
 ]
+
+# model patching (issue 6); transformers is imported only when an HF model is patched
+from lmul.config import LMulConfig  # noqa: E402
+from lmul.nn import LMulLinear  # noqa: E402
+from lmul.patch import inspect, patch, unpatch  # noqa: E402
+
+__all__ += ["LMulConfig", "LMulLinear", "inspect", "patch", "unpatch"]
