@@ -89,14 +89,18 @@ def item_records(task: TaskSpec, samples: list[dict]) -> list[dict]:
 
 def evaluate(lm, task: TaskSpec, task_manager, limit: int | None, seed: int) -> list[dict] | None:
     """Per-item records of ``task`` (on rank 0; None on other ranks)."""
-    from lm_eval import simple_evaluate
+    from unittest import mock
+
+    from lm_eval import evaluator, simple_evaluate
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    res = simple_evaluate(
-        model=lm, tasks=[task.lm_eval_name], task_manager=task_manager, limit=limit, log_samples=True,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        bootstrap_iters=0, verbosity="WARNING",
-    )
+    # lm-eval's add_env_info runs `pip list` & co. (seconds per call); run.versions() records ours once
+    with mock.patch.object(evaluator, "add_env_info", lambda results: None):
+        res = simple_evaluate(
+            model=lm, tasks=[task.lm_eval_name], task_manager=task_manager, limit=limit, log_samples=True,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            bootstrap_iters=0, verbosity="WARNING",
+        )
     if res is None:  # non-zero ranks
         return None
     return item_records(task, res["samples"][task.lm_eval_name])

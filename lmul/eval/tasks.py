@@ -96,14 +96,17 @@ def load_yaml(task: TaskSpec) -> dict:
         return yaml.safe_load(f)
 
 
-def materialize(names: list[str], data_root: Path, out_dir: Path) -> list[str]:
-    """Write the YAMLs of ``names`` into ``out_dir`` with local ``data_files``; return lm-eval task names."""
+def materialize(names: list[str], data_root: Path, out_dir: Path, cache_dir: Path | None = None) -> list[str]:
+    """Write the YAMLs of ``names`` into ``out_dir`` with local ``data_files`` (and the datasets
+    ``cache_dir``, when given); return the lm-eval task names."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result = []
     for name in names:
         task = TASKS[name]
         cfg = load_yaml(task)
         cfg["dataset_kwargs"] = {"data_files": data_files(task, data_root)}
+        if cache_dir is not None:
+            cfg["dataset_kwargs"]["cache_dir"] = str(cache_dir)
         with open(out_dir / f"{task.lm_eval_name}.yaml", "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
         result.append(task.lm_eval_name)
