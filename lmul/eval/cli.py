@@ -39,7 +39,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     cfg = run.EvalConfig.build(args.tasks, args.arms, model=args.model, limit=args.limit, seed=args.seed,
                                batch_size=args.batch_size, max_length=args.max_length,
-                               divergence=not args.no_divergence, div_limit=args.div_limit, device=args.device)
+                               divergence=not args.no_divergence, div_limit=args.div_limit, device=args.device,
+                               threads=args.threads)
     out = Path(args.out) if args.out else Path("results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     t0 = time.time()
     run.run(cfg, out, allow_fetch=not args.no_fetch)
@@ -83,6 +84,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=2048, help="max tokens per sequence")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="run folder (default results/<UTC time>); reuse it to resume")
     p.add_argument("--no-fetch", action="store_true", help="fail instead of fetching missing assets")
     p.set_defaults(func=_eval)

@@ -42,6 +42,7 @@ class EvalConfig:
     divergence: bool = True
     div_limit: int | None = None  # items per task in the divergence pass; None = same as limit
     device: str = "cpu"
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -121,6 +122,8 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
     ends the run after that many newly computed units (to test resuming)."""
     out = Path(out)
     rank, world = harness.init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     check_identity(out, cfg)
     if rank == 0:
         meta = {"config": asdict(cfg), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -152,6 +155,7 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
                     "arm": arm, "task": tname, "kind": TASKS[tname].kind, "seconds": time.time() - t1,
                     "world_size": world, "items": items})
             done_new += 1
+        harness.barrier()  # rank 0 has written every accuracy part before anyone reads them
         if cfg.divergence and cfg.n_div != 0:
             for arm, tname in tqdm(units, desc="divergence (arm, task)", disable=rank != 0):
                 path = store.part_path(out, "div", arm, tname)
