@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,15 +36,23 @@ def _limit(s: str) -> int | None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lmul.eval import report, run
+    from lmul.eval import assets, report, run
 
-    cfg = run.EvalConfig.build(args.tasks, args.arms, model=args.model, limit=args.limit, seed=args.seed,
-                               batch_size=args.batch_size, max_length=args.max_length,
-                               divergence=not args.no_divergence, div_limit=args.div_limit, device=args.device,
-                               threads=args.threads)
+    try:
+        cfg = run.EvalConfig.build(args.tasks, args.arms, model=args.model, limit=args.limit, seed=args.seed,
+                                   batch_size=args.batch_size, max_length=args.max_length,
+                                   divergence=not args.no_divergence, div_limit=args.div_limit,
+                                   device=args.device, threads=args.threads)
+    except ValueError as e:
+        print(f"lmul eval: error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path("results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     t0 = time.time()
-    run.run(cfg, out, allow_fetch=not args.no_fetch)
+    try:
+        run.run(cfg, out, allow_fetch=not args.no_fetch)
+    except (assets.AssetMissing, run.RunMismatch) as e:
+        print(f"lmul eval: error: {e}", file=sys.stderr)
+        return 2
     from lmul.eval.harness import dist_info
 
     if dist_info()[0] == 0:
@@ -55,7 +64,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lmul.eval import report
 
-    print(report.build(Path(args.run_dir), reassemble=not args.from_json))
+    try:
+        print(report.build(Path(args.run_dir), reassemble=not args.from_json))
+    except FileNotFoundError as e:
+        print(f"lmul report: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

