@@ -13,6 +13,8 @@ LMUL_HOME ?= $(CURDIR)/.cache/lmul
 export LMUL_HOME
 RUN_LIMIT ?= 20
 RUN_OUT   ?= results/default-limit$(RUN_LIMIT)
+# one torch thread: on a 2-core machine shared with other work it is 4-10x faster than two (docs/eval.md)
+RUN_ARGS  ?= --threads 1
 
 $(VENV)/bin/activate:
 	$(PY) -m venv $(VENV)
@@ -27,7 +29,7 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/lmul fetch
 	$(VENV)/bin/lmul eval --model smollm2 --tasks commonsense --arms exact,e4m3,e5m2,lmul \
-		--limit $(RUN_LIMIT) --out $(RUN_OUT)
+		--limit $(RUN_LIMIT) --out $(RUN_OUT) $(RUN_ARGS)
 	@echo "report: $(RUN_OUT)/report.md (plots and results.json beside it)"
 
 demo: install

@@ -20,9 +20,10 @@ from lmul.eval.tasks import TASKS
 # Only numbers checked against the paper belong here; this session could not open the paper's tables,
 # so it is empty and the report says "n/a" rather than quoting numbers from memory.
 PAPER: dict[tuple[str, str, str, str], float] = {}
-PAPER_NOTE = ("Paper columns: the published numbers of arXiv:2410.00907 (Tables 2, 3, 5) are for 7-9B models "
-              "(Mistral-7B, Llama-3.1-8B, Gemma-2-9B); they were not verified in the session that wrote this "
-              "tool and are shown as n/a. Add them to `lmul.eval.report.PAPER` once checked against the paper.")
+PAPER_NOTE = ("Paper rows: the published numbers of arXiv:2410.00907 (Tables 2, 3, 5; billion-parameter models, "
+              "not this one) could not be checked against the paper when this tool was written, so they are "
+              "shown as n/a rather than quoted from memory; verified numbers go in `lmul.eval.report.PAPER`. "
+              "The table layouts (which tasks and arms go in which table) follow the project's issue text.")
 
 TABLE2_TASKS = ("arc_challenge", "commonsense_qa", "openbookqa", "piqa", "social_iqa")
 TABLE3_TASKS = ("mmlu", "gsm8k")
@@ -97,7 +98,17 @@ def _arms(results: dict) -> list[str]:
     return [a for a in order if a in present]
 
 
-def _acc_table(results: dict, tasks: tuple[str, ...], title: str) -> list[str]:
+def _paper_rows(table: str, tasks: tuple[str, ...]) -> list[str]:
+    """Rows of published numbers for ``table`` (from :data:`PAPER`), or one n/a row."""
+    keys = sorted({(m, a) for (t, m, a, _) in PAPER if t == table})
+    tail = " | n/a |" if len(tasks) > 1 else " |"
+    if not keys:
+        return ["| *paper* | " + " | ".join("n/a" for _ in tasks) + tail]
+    return [f"| *paper: {m}, {a}* | " + " | ".join(_pct(PAPER[(table, m, a, t)]) if (table, m, a, t) in PAPER
+                                                  else "n/a" for t in tasks) + tail for m, a in keys]
+
+
+def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "") -> list[str]:
     tasks = tuple(t for t in tasks if t in results["tasks"])
     if not tasks:
         return []
@@ -117,7 +128,7 @@ def _acc_table(results: dict, tasks: tuple[str, ...], title: str) -> list[str]:
         avg = f" | {_pct(float(np.mean(vals)))}" if len(tasks) > 1 and len(vals) == len(tasks) else (
             " | –" if len(tasks) > 1 else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + avg + " |")
-    lines.append("| *paper* | " + " | ".join("n/a" for _ in tasks) + (" | n/a |" if len(tasks) > 1 else " |"))
+    lines += _paper_rows(table, tasks)
     lines += ["", "Paired difference against `exact` in percentage points: diff ± half-width of the 95% paired "
               f"bootstrap CI ({BOOT_ITERS} resamples, seed {results['seed']}); McNemar exact p; "
               "b/c = items only exact / only the arm got right.", "",
@@ -238,8 +249,8 @@ def render(results: dict) -> str:
                                                                   "lm_eval", "datasets") if k in v),
              f"- machine: {v.get('platform', '?')}, {v.get('torch_threads', '?')} torch threads, device {c['device']}",
              "", PAPER_NOTE, ""]
-    lines += _acc_table(results, TABLE2_TASKS, "Common-sense reasoning (layout of the paper's Table 2)")
-    lines += _acc_table(results, TABLE3_TASKS, "MMLU and GSM8K (layout of the paper's Table 3)")
+    lines += _acc_table(results, TABLE2_TASKS, "Common-sense reasoning (layout of the paper's Table 2)", "2")
+    lines += _acc_table(results, TABLE3_TASKS, "MMLU and GSM8K (layout of the paper's Table 3)", "3")
     others = tuple(t for t in results["tasks"] if t not in TABLE2_TASKS + TABLE3_TASKS)
     lines += _acc_table(results, others, "Other tasks")
     lines += _table5(results)
