@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 from lmul.formats import Format
@@ -57,15 +57,17 @@ class LMulConfig:
     name and its parents' names (``"model.layers.0"``, ``"*.mlp"``). ``None`` selects everything.
     """
 
-    fmt: str = "bf16"
-    mode: str = "bit"
-    offset: Optional[float] = None
-    rounding: str = "rne"
-    acc: str = "fp32"
-    acc_block: int = 1
-    backend: str = "auto"
-    scope: str = "attention"
-    layers: Optional[tuple[Union[int, str], ...]] = None
+    fmt: str = field(default="bf16", metadata=dict(help="operand format: e4m3, e5m2, bf16, fp16, fp32 or eXmY"))
+    mode: str = field(default="bit", metadata=dict(help="bit (paper Eq. 2), formula (Eq. 1) or exact (baselines)",
+                                                   choices=MODES))
+    offset: Optional[float] = field(default=None, metadata=dict(help="L-Mul offset c (default 2^-l(m); 0: Mitchell)"))
+    rounding: str = field(default="rne", metadata=dict(help="operand rounding", choices=ROUNDINGS))
+    acc: str = field(default="fp32", metadata=dict(help="L-Matmul accumulation format"))
+    acc_block: int = field(default=1, metadata=dict(help="products summed in float32 per accumulator rounding"))
+    backend: str = field(default="auto", metadata=dict(help="lmul.matmul backend"))
+    scope: str = field(default="attention", metadata=dict(help="where L-Mul runs", choices=SCOPES))
+    layers: Optional[tuple[Union[int, str], ...]] = field(
+        default=None, metadata=dict(help="comma-separated block indices / module-name patterns (default: all)"))
 
     def __post_init__(self) -> None:
         # normalise spellings so equal configs compare equal ("E4M3" == "e4m3", [0, 1] == (0, 1))
@@ -121,17 +123,45 @@ class LMulConfig:
             raise ValueError(f"unknown LMulConfig preset {name!r}; known: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    @classmethod
+    def add_arguments(cls, parser, prefix: str = "") -> None:
+        """Add one ``--<prefix><field>`` option per field to an argparse parser, help texts and
+        choices from the field metadata, defaults ``None`` (= the field's default; see
+        :meth:`from_arguments`), plus ``--<prefix>preset``."""
+        parser.add_argument(f"--{prefix}preset", default=None, choices=sorted(PRESETS),
+                            help="start from a named preset (the other options refine it)")
+        for f in fields(cls):
+            kind = {"offset": float, "acc_block": int}.get(f.name, str)
+            parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
+                                type=kind, default=None, choices=f.metadata.get("choices"),
+                                help=f"{f.metadata['help']} (default: {f.default!r})")
+
+    @classmethod
+    def from_arguments(cls, namespace, prefix: str = "") -> LMulConfig:
+        """The config that :meth:`add_arguments` options describe (unset options keep the default)."""
+        p = prefix.replace("-", "_")
+        values = {f.name: getattr(namespace, p + f.name) for f in fields(cls)}
+        given = {k: v for k, v in values.items() if v is not None}
+        if "layers" in given:
+            given["layers"] = tuple(int(x) if x.strip().isdigit() else x.strip() for x in given["layers"].split(","))
+        preset = getattr(namespace, p + "preset", None)
+        return cls.from_name(preset, **given) if preset else cls(**given)
+
     def replace(self, **changes) -> LMulConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @property
     def tag(self) -> str:
-        """A short string for logs and file names: the preset name when the config is exactly a
-        preset, else ``scope-fmt-mode`` plus the non-default options (``attention-e8m3-bit-trunc``)."""
+        """A short string for logs and file names: the preset name when the config is a preset
+        (plus ``-L...`` for a layer selection), else ``scope-fmt-mode`` plus the non-default options
+        (``attention-e8m3-bit-trunc``)."""
+        layers = ""
+        if self.layers is not None:
+            layers = "-L" + "_".join(re.sub(r"[^A-Za-z0-9]+", "", str(x)) or "x" for x in self.layers)
         for name, kwargs in PRESETS.items():
-            if self == LMulConfig(**kwargs):
-                return name
+            if self.replace(layers=None) == LMulConfig(**kwargs):
+                return name + layers
         parts = [self.scope, self.fmt, self.mode]
         if self.offset is not None:
             parts.append(f"c{self.offset:g}")
@@ -141,9 +171,7 @@ class LMulConfig:
             parts.append(f"acc{self.acc}" + (f"x{self.acc_block}" if self.acc_block != 1 else ""))
         if self.backend != "auto":
             parts.append(self.backend)
-        if self.layers is not None:
-            parts.append("L" + "_".join(re.sub(r"[^A-Za-z0-9]+", "", str(x)) or "x" for x in self.layers))
-        return "-".join(parts)
+        return "-".join(parts) + layers
 
     def matmul_kwargs(self) -> dict:
         """Keyword arguments for :func:`lmul.matmul`."""

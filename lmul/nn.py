@@ -107,9 +107,10 @@ class LMulLinear(nn.Module):
     transformers' ``Conv1D``, whose weight is stored ``[in, out]``).
 
     The Parameters are the original module's own (no copy). In inference (no gradient needed for
-    the weight) the weight is quantized to ``config.fmt`` once, laid out ``[in, out]``, and cached
-    until the Parameter changes (its version counter, device or dtype); with autograd the weight
-    goes to :func:`lmul.matmul` directly so that its gradient flows. The product and the float32
+    the weight) the weight is quantized to ``config.fmt`` once (a float32 copy in the weight's own
+    memory layout, used as the ``[in, out]`` operand) and cached until the Parameter changes (its
+    version counter, storage, device or dtype); with autograd the weight goes to
+    :func:`lmul.matmul` directly so that its gradient flows. The product and the float32
     sum are those of :func:`lmul.matmul`; the bias is added exactly in float32; the result is
     rounded once to the input dtype.
     """
@@ -141,8 +142,8 @@ class LMulLinear(nn.Module):
             return w if self.transposed else w.t()
         key = (w._version, w.device, w.dtype, w.data_ptr())
         if self._cache is None or self._cache[0] != key:
-            wt = (w.detach() if self.transposed else w.detach().t()).float().contiguous()
-            self._cache = (key, quantize(wt, self.config.fmt, self.config.rounding))  # [in, out] float32
+            wt = (w.detach() if self.transposed else w.detach().t()).float()
+            self._cache = (key, quantize(wt, self.config.fmt, self.config.rounding))  # [in, out] view, float32
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

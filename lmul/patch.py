@@ -32,14 +32,14 @@ _SUPPORTED_ORIGINAL = ("eager", "sdpa")  # implementations the patch can replace
 
 # Element-wise products (scope="all"): module classes whose forward we know and re-express.
 # Unknown classes with the same shape of job raise instead of guessing (see _elementwise).
-_GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP", "SmolLM3MLP"}
+_GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP"}
 _RMSNORMS = {  # class -> unit_offset (Gemma multiplies by 1 + w)
     "LlamaRMSNorm": False, "MistralRMSNorm": False, "Qwen2RMSNorm": False, "Qwen3RMSNorm": False,
-    "SmolLM3RMSNorm": False, "Gemma2RMSNorm": True, "Gemma3RMSNorm": True,
+    "Gemma2RMSNorm": True, "Gemma3RMSNorm": True,
 }
 _ROTARIES = {  # rotary embedding modules whose (cos, sin) feed the Llama-layout apply_rotary_pos_emb
     "LlamaRotaryEmbedding", "MistralRotaryEmbedding", "Qwen2RotaryEmbedding", "Qwen3RotaryEmbedding",
-    "Gemma2RotaryEmbedding", "Gemma3RotaryEmbedding", "SmolLM3RotaryEmbedding",
+    "Gemma2RotaryEmbedding", "Gemma3RotaryEmbedding",
 }
 
 
@@ -145,8 +145,8 @@ def _elementwise(module: nn.Module, fqn: str, config: LMulConfig) -> Optional[nn
 def _resolve_config(config: Any, options: dict) -> LMulConfig:
     """One LMulConfig from ``config`` (object, preset name or None) and keyword options."""
     given = {k: v for k, v in options.items() if v is not None}
-    if isinstance(config, str):
-        config = LMulConfig.from_name(config)
+    if isinstance(config, str):  # a preset name: keyword options refine it
+        return LMulConfig.from_name(config, **given)
     if config is None:
         return LMulConfig(**given)
     if not isinstance(config, LMulConfig):
@@ -228,8 +228,9 @@ def patch(
     layers: Optional[Any] = None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
 ) -> PatchHandle:
-    """Run ``model``'s multiplications through L-Mul per ``config`` (an :class:`LMulConfig`, a preset
-    name, or the keyword options that build one); returns a :class:`PatchHandle`.
+    """Run ``model``'s multiplications through L-Mul per ``config`` (an :class:`LMulConfig`; a preset
+    name, which the keyword options may refine; or None: the keyword options build one);
+    returns a :class:`PatchHandle`. Keyword options given with an ``LMulConfig`` must agree with it.
 
     ``scope="attention"``: transformers models only (attention implementation ``"eager"`` or
     ``"sdpa"``). ``scope="linear"``: any ``nn.Module``: ``nn.Linear`` / ``Conv1D`` become
