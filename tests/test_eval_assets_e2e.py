@@ -17,9 +17,14 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("lm_eval")
+    import torch
+
     from lmul.eval import models
 
-    return models.load("smollm2", allow_fetch=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier on a shared 2-core machine (docs/eval.md, Timings)
+    yield models.load("smollm2", allow_fetch=False)
+    torch.set_num_threads(threads)
 
 
 def test_model_generates_sensible_text(smollm2):
@@ -34,7 +39,7 @@ def test_two_items_two_arms(tmp_path, smollm2):
     from lmul.eval import store
     from lmul.eval.run import EvalConfig, run
 
-    cfg = EvalConfig(tasks=("arc_challenge",), arms=("exact", "lmul"), limit=2, batch_size=4)
+    cfg = EvalConfig(tasks=("arc_challenge",), arms=("exact", "lmul"), limit=2, batch_size=8)
     run(cfg, tmp_path, loaded=smollm2, allow_fetch=False)
     res = store.read_json(tmp_path / "results.json")
     exact = store.read_json(store.part_path(tmp_path, "acc", "exact", "arc_challenge"))["items"]
