@@ -12,7 +12,7 @@ pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 from _eval_fixtures import ROWS, tiny_llama, tiny_tokenizer, write_fixtures  # noqa: E402
 
-from lmul.eval import divergence, report, store  # noqa: E402
+from lmul.eval import divergence, models, report, store  # noqa: E402
 from lmul.eval.run import EvalConfig, run  # noqa: E402
 
 TASKS = ("arc_challenge", "piqa")
@@ -76,7 +76,7 @@ def test_scores_match_teacher_forced_loglikelihoods(tmp_path, tiny):
     assert set(results["tasks"]) == set(TASKS)
 
 
-def test_resume_after_interruption(tmp_path, tiny):
+def test_resume_after_interruption(tmp_path, tiny, monkeypatch):
     data = write_fixtures(tmp_path)
     cfg = _cfg(arms=("exact", "lmul"))
     out = tmp_path / "run"
@@ -96,6 +96,12 @@ def test_resume_after_interruption(tmp_path, tiny):
         assert a == b  # resuming gives the results of an uninterrupted run
     res = store.read_json(out / "results.json")
     assert res["tasks"]["piqa"]["lmul"]["n"] == len(ROWS["piqa"])
+    def no_load(*a, **k):
+        raise AssertionError("a finished run must not load the model again")
+
+    monkeypatch.setattr(models, "load", no_load)
+    run(cfg, out, data_root=data)  # everything is done: nothing is loaded or recomputed
+    assert {p.name: p.read_bytes() for p in (out / "parts").iterdir()} == parts
     assert res["divergence"]["piqa"]["lmul"]["kl"] > 0
     with pytest.raises(ValueError, match="different settings"):
         run(_cfg(arms=("exact",), seed=99), out, loaded=tiny, data_root=data)

@@ -135,6 +135,15 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
                 "world_size": world, "versions": versions()}
         if not (out / "config.json").exists():
             store.write_json(out / "config.json", meta)
+    units = [(arm, t) for arm in cfg.arms for t in cfg.tasks]
+    pending = [u for u in units if not store.part_path(out, "acc", *u).exists()]
+    if cfg.divergence and cfg.n_div != 0:
+        pending += [u for u in units if not store.part_path(out, "div", *u).exists()]
+    if not pending:  # everything is there: only reassemble
+        if rank == 0:
+            from lmul.eval.report import assemble
+            assemble(out)
+        return out / "results.json"
     t0 = time.time()
     model, tok, desc = loaded or models.load(cfg.model, cfg.device, allow_fetch=allow_fetch)
     load_s = time.time() - t0
@@ -145,7 +154,6 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
     with tempfile.TemporaryDirectory(prefix="lmul-tasks-") as tdir:
         materialize(list(cfg.tasks), data_root, Path(tdir), cache_dir=data_root.parent / "datasets-cache")
         tm = TaskManager(include_path=tdir, include_defaults=False)
-        units = [(arm, t) for arm in cfg.arms for t in cfg.tasks]
         todo = [u for u in units if not store.part_path(out, "acc", *u).exists()]
         for arm, tname in tqdm(todo, desc="accuracy (arm, task)", disable=rank != 0):
             if stop_after is not None and done_new >= stop_after:
