@@ -118,3 +118,16 @@ def test_report_rebuilds_from_json(tmp_path, tiny):
     lone.mkdir()
     (lone / "results.json").write_bytes((out / "results.json").read_bytes())
     assert report.build(lone).read_text() == first
+
+
+def test_model_from_a_local_folder(tmp_path, tiny):
+    model, tok, _ = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, tok2, desc = models.load(str(tmp_path / "m"))
+    a, b = loaded.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.dtype == torch.float32
+    assert desc == str(tmp_path / "m") and len(tok2) == len(tok)
+    with pytest.raises(ValueError, match="is a file"):
+        models.load(str(tmp_path / "m" / "config.json"))

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,7 +43,6 @@ class EvalConfig:
     div_limit: int | None = None  # items per task in the divergence pass; None = same as limit
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         bad = [a for a in self.arms if a not in ARMS]
