@@ -9,7 +9,6 @@ skips what is there. ``results.json`` is assembled from the parts at the end (an
 from __future__ import annotations
 
 import contextlib
-import copy
 import platform
 import subprocess
 import sys
@@ -146,7 +145,6 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
     t0 = time.time()
     model, tok, desc = loaded or models.load(cfg.model, cfg.device, allow_fetch=allow_fetch)
     load_s = time.time() - t0
-    ref = None
     done_new = 0
     from lm_eval.tasks import TaskManager
 
@@ -168,21 +166,19 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
             done_new += 1
         harness.barrier()  # rank 0 has written every accuracy part before anyone reads them
         if cfg.divergence and cfg.n_div != 0:
-            for arm, tname in tqdm(units, desc="divergence (arm, task)", disable=rank != 0):
-                path = store.part_path(out, "div", arm, tname)
-                if path.exists():
+            for tname in tqdm(cfg.tasks, desc="divergence (task)", disable=rank != 0):
+                arms = [a for a in cfg.arms if not store.part_path(out, "div", a, tname).exists()]
+                if not arms:
                     continue
                 if stop_after is not None and done_new >= stop_after:
                     return out / "results.json"
-                if ref is None and arm != "exact":
-                    ref = copy.deepcopy(model)  # the unpatched reference beside the patched model
-                t1 = time.time()
                 exact_items = store.read_json(store.part_path(out, "acc", "exact", tname))["items"]
-                recs = divergence_pass(model, ref, tok, arm, exact_items[:cfg.n_div], cfg.max_length, rank, world)
+                recs, secs = divergence_pass(model, tok, arms, exact_items[:cfg.n_div], cfg.max_length, rank, world)
                 if rank == 0:
-                    store.write_json(path, {"arm": arm, "task": tname, "seconds": time.time() - t1,
-                                            "world_size": world, "items": recs})
-                done_new += 1
+                    for a in arms:
+                        store.write_json(store.part_path(out, "div", a, tname), {
+                            "arm": a, "task": tname, "seconds": secs[a], "world_size": world, "items": recs[a]})
+                done_new += len(arms)
     if rank == 0:
         meta = store.read_json(out / "config.json")
         meta.update({"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_desc": desc,
@@ -193,24 +189,37 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
     return out / "results.json"
 
 
-def divergence_pass(model, ref, tok, arm: str, items: list[dict], max_length: int, rank: int = 0,
-                    world: int = 1) -> list[dict] | None:
-    """Per-item KL / top-1 / gold ll of ``arm`` against the unpatched ``ref`` on the gold sequences."""
+def divergence_pass(model, tok, arms: list[str], items: list[dict], max_length: int, rank: int = 0,
+                    world: int = 1) -> tuple[dict[str, list[dict]] | None, dict[str, float]]:
+    """Per-item KL / top-1 / gold ll of each arm against the unpatched model on the gold sequences.
+
+    Item by item: one exact forward pass, then one pass per arm with the model patched for just
+    that pass, so the exact log-probs are computed once per item, not once per arm. Returns
+    ({arm: records} on rank 0, None elsewhere; {arm: seconds spent on it})."""
     mine = [it for i, it in enumerate(items) if i % world == rank]
-    recs = []
-    with arm_context(model, arm):
-        for it in tqdm(mine, desc=f"  {arm}", leave=False, disable=rank != 0):
-            ids, start = divergence.encode_pair(tok, it["context"], it["gold"], max_length)
-            n_bytes = len(it["gold"].encode("utf-8"))
-            lp_arm = divergence.log_probs(model, ids)
-            lp_ref = lp_arm if arm == "exact" else divergence.log_probs(ref, ids)
-            s = divergence.compare(lp_ref, lp_arm, ids, start, n_bytes)
-            recs.append({"doc_id": it["doc_id"], "kl": s.kl, "top1": s.top1, "ll": s.ll, "bpb": s.bpb,
-                         "n_cont_tokens": s.n_cont_tokens, "n_bytes": s.n_bytes, "n_positions": s.n_positions})
+    recs: dict[str, list[dict]] = {a: [] for a in arms}
+    secs = dict.fromkeys(arms, 0.0)
+    for it in tqdm(mine, desc="  items", leave=False, disable=rank != 0):
+        ids, start = divergence.encode_pair(tok, it["context"], it["gold"], max_length)
+        n_bytes = len(it["gold"].encode("utf-8"))
+        t = time.time()
+        lp_ref = divergence.log_probs(model, ids)
+        t_ref = time.time() - t
+        for a in arms:
+            t = time.time()
+            if a == "exact":
+                lp = lp_ref
+            else:
+                with arm_context(model, a):
+                    lp = divergence.log_probs(model, ids)
+            s = divergence.compare(lp_ref, lp, ids, start, n_bytes)
+            secs[a] += time.time() - t + (t_ref if a == "exact" else 0.0)
+            recs[a].append({"doc_id": it["doc_id"], "kl": s.kl, "top1": s.top1, "ll": s.ll, "bpb": s.bpb,
+                            "n_cont_tokens": s.n_cont_tokens, "n_bytes": n_bytes, "n_positions": s.n_positions})
     if world > 1:
         gathered = [None] * world if rank == 0 else None
         torch.distributed.gather_object(recs, gathered, dst=0)
         if rank != 0:
-            return None
-        recs = sorted((r for part in gathered for r in part), key=lambda r: r["doc_id"])
-    return recs
+            return None, secs
+        recs = {a: sorted((r for part in gathered for r in part[a]), key=lambda r: r["doc_id"]) for a in arms}
+    return recs, secs
