@@ -14,6 +14,7 @@ _COMMAND_MODULES = [
     "lmul.analysis.commands",
     "lmul.hw.cli",
     "lmul.bench",
+    "lmul.eval.cli",
 ]
 
 

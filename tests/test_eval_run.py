@@ -1,0 +1,133 @@
+"""The runner on a tiny random Llama and Arrow fixtures: lm-eval's scores against our own
+teacher-forced log-likelihoods, the divergence metrics against torch, resume after an
+interruption, and rebuilding the report from results.json."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("lm_eval")
+import torch  # noqa: E402
+from _eval_fixtures import ROWS, tiny_llama, tiny_tokenizer, write_fixtures  # noqa: E402
+
+from lmul.eval import divergence, models, report, store  # noqa: E402
+from lmul.eval.run import EvalConfig, run  # noqa: E402
+
+TASKS = ("arc_challenge", "piqa")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model runs fastest (and steadiest on a shared machine) on one thread
+    tok = tiny_tokenizer()
+    yield tiny_llama(len(tok)), tok, "tiny random llama"
+    torch.set_num_threads(threads)
+
+
+def _cfg(arms=("exact",), **kw):
+    return EvalConfig(tasks=TASKS, arms=arms, batch_size=4, max_length=128, **kw)
+
+
+def test_kl_top1_ll_against_torch():
+    torch.manual_seed(0)
+    a = torch.log_softmax(torch.randn(6, 11), -1)
+    b = torch.log_softmax(torch.randn(6, 11), -1)
+    ids = [0, 3, 4, 1, 7, 2]
+    s = divergence.compare(a, b, ids, start=3, n_bytes=5)
+    kl = torch.nn.functional.kl_div(b[:-1].double(), a[:-1].double(), log_target=True, reduction="none").sum(-1)
+    assert s.kl == pytest.approx(float(kl.mean()), rel=1e-12)
+    assert s.top1 == pytest.approx(float((a[:-1].argmax(-1) == b[:-1].argmax(-1)).double().mean()))
+    assert s.ll == pytest.approx(float(b[2, 1] + b[3, 7] + b[4, 2]), rel=1e-6)
+    assert s.bpb == pytest.approx(-s.ll / (5 * math.log(2)))
+    same = divergence.compare(a, a, ids, 3, 5)
+    assert same.kl == 0 and same.top1 == 1
+
+
+def test_scores_match_teacher_forced_loglikelihoods(tmp_path, tiny):
+    """lm-eval's per-choice log-likelihoods (and so acc) equal a direct forward pass."""
+    model, tok, _ = tiny
+    data = write_fixtures(tmp_path)
+    run(_cfg(), tmp_path / "run", loaded=tiny, data_root=data)
+    for task in TASKS:
+        items = store.read_json(store.part_path(tmp_path / "run", "acc", "exact", task))["items"]
+        assert [it["doc_id"] for it in items] == list(range(len(ROWS[task])))
+        for it in items:
+            doc = ROWS[task][it["doc_id"]]
+            conts = ([" " + t for t in doc["choices"]["text"]] if task == "arc_challenge"
+                     else [" " + doc["sol1"], " " + doc["sol2"]])
+            ours = []
+            for c in conts:
+                ids, start = divergence.encode_pair(tok, it["context"], c, 128)
+                lp = divergence.log_probs(model, ids)
+                ours.append(float(lp[start - 1:-1].gather(1, torch.tensor(ids[start:])[:, None]).sum()))
+            assert it["lls"] == pytest.approx(ours, abs=1e-4)
+            gold = conts.index(it["gold"])
+            assert it["acc"] == float(max(range(len(ours)), key=ours.__getitem__) == gold)
+            it["gold_index"] = gold
+        div = store.read_json(store.part_path(tmp_path / "run", "div", "exact", task))["items"]
+        for d, it in zip(div, items, strict=True):  # the exact arm's gold ll is lm-eval's ll of the gold choice
+            assert d["doc_id"] == it["doc_id"]
+            assert d["ll"] == pytest.approx(it["lls"][it["gold_index"]], abs=1e-4)
+            assert d["kl"] == 0 and d["top1"] == 1
+    results = store.read_json(tmp_path / "run" / "results.json")
+    assert set(results["tasks"]) == set(TASKS)
+
+
+def test_resume_after_interruption(tmp_path, tiny, monkeypatch):
+    data = write_fixtures(tmp_path)
+    cfg = _cfg(arms=("exact", "lmul"))
+    out = tmp_path / "run"
+    run(cfg, out, loaded=tiny, data_root=data, stop_after=2)  # "interrupted" after two units
+    first = {p.name: p.read_bytes() for p in (out / "parts").iterdir()}
+    assert len(first) == 2 and not (out / "results.json").exists()
+    run(cfg, out, loaded=tiny, data_root=data)
+    parts = {p.name: p.read_bytes() for p in (out / "parts").iterdir()}
+    assert len(parts) == 8  # 2 arms x 2 tasks x (acc, div)
+    for name, raw in first.items():
+        assert parts[name] == raw  # finished units were skipped, not recomputed
+    full = tmp_path / "full"
+    run(cfg, full, loaded=tiny, data_root=data)
+    for name in parts:
+        a = store.read_json(out / "parts" / name)["items"]
+        b = store.read_json(full / "parts" / name)["items"]
+        assert a == b  # resuming gives the results of an uninterrupted run
+    res = store.read_json(out / "results.json")
+    assert res["tasks"]["piqa"]["lmul"]["n"] == len(ROWS["piqa"])
+    def no_load(*a, **k):
+        raise AssertionError("a finished run must not load the model again")
+
+    monkeypatch.setattr(models, "load", no_load)
+    run(cfg, out, data_root=data)  # everything is done: nothing is loaded or recomputed
+    assert {p.name: p.read_bytes() for p in (out / "parts").iterdir()} == parts
+    assert res["divergence"]["piqa"]["lmul"]["kl"] > 0
+    with pytest.raises(ValueError, match="different settings"):
+        run(_cfg(arms=("exact",), seed=99), out, loaded=tiny, data_root=data)
+
+
+def test_report_rebuilds_from_json(tmp_path, tiny):
+    data = write_fixtures(tmp_path)
+    out = tmp_path / "run"
+    run(_cfg(arms=("exact", "lmul")), out, loaded=tiny, data_root=data)
+    first = report.build(out).read_text()
+    assert "ARC-C" in first and "| lmul |" in first and (out / "accuracy.png").exists() and (out / "kl.png").exists()
+    # only results.json travels: rebuild the report from it alone
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "results.json").write_bytes((out / "results.json").read_bytes())
+    assert report.build(lone).read_text() == first
+
+
+def test_model_from_a_local_folder(tmp_path, tiny):
+    model, tok, _ = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, tok2, desc = models.load(str(tmp_path / "m"))
+    a, b = loaded.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.dtype == torch.float32
+    assert desc == str(tmp_path / "m") and len(tok2) == len(tok)
+    with pytest.raises(ValueError, match="is a file"):
+        models.load(str(tmp_path / "m" / "config.json"))

