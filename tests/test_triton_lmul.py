@@ -12,12 +12,12 @@ import sys
 
 import pytest
 import torch
-from tests.conftest import needs_cuda
-from tests.test_kernels import _all_8bit_values, _assert_same_bits, _assert_within_tolerance, _edge_values
 
 from lmul.formats import Format, quantize
 from lmul.matmul import MatmulSpec, matmul
 from lmul.ops import mul, resolve_offset
+from tests.conftest import needs_cuda
+from tests.test_kernels import _all_8bit_values, _assert_same_bits, _assert_within_tolerance, _edge_values
 
 # No GPU: run the kernel in Triton's interpreter, which triton only enables when the variable is
 # set before its first import (nothing in lmul imports triton before first use).
