@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("lm_eval")
-from _eval_fixtures import write_fixtures  # noqa: E402
+from tests._eval_fixtures import write_fixtures  # noqa: E402
 
 from lmul.eval import store  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 import torch  # noqa: E402
-from _eval_fixtures import ROWS, tiny_llama, tiny_tokenizer, write_fixtures  # noqa: E402
+from tests._eval_fixtures import ROWS, tiny_llama, tiny_tokenizer, write_fixtures  # noqa: E402
 
 from lmul.eval import divergence, models, report, store  # noqa: E402
 from lmul.eval.run import EvalConfig, run  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 import yaml  # noqa: E402
-from _eval_fixtures import ROWS, write_fixtures  # noqa: E402
+from tests._eval_fixtures import ROWS, write_fixtures  # noqa: E402
 
 from lmul.eval import tasks as T  # noqa: E402
 
