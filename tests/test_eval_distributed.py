@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("lm_eval")
-from tests._eval_fixtures import write_fixtures  # noqa: E402
-
 from lmul.eval import store  # noqa: E402
+from tests._eval_fixtures import write_fixtures  # noqa: E402
 
 MAIN = Path(__file__).parent / "_eval_dist_main.py"
 

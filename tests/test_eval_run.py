@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("lm_eval")
 import torch  # noqa: E402
-from tests._eval_fixtures import ROWS, tiny_llama, tiny_tokenizer, write_fixtures  # noqa: E402
 
 from lmul.eval import divergence, models, report, store  # noqa: E402
 from lmul.eval.run import EvalConfig, run  # noqa: E402
+from tests._eval_fixtures import ROWS, tiny_llama, tiny_tokenizer, write_fixtures  # noqa: E402
 
 TASKS = ("arc_challenge", "piqa")
 

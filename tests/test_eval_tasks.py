@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("lm_eval")
 import yaml  # noqa: E402
-from tests._eval_fixtures import ROWS, write_fixtures  # noqa: E402
 
 from lmul.eval import tasks as T  # noqa: E402
+from tests._eval_fixtures import ROWS, write_fixtures  # noqa: E402
 
 # (task, row index) -> (context, [continuations], gold index): what lm-eval's own YAMLs give
 EXPECTED = {
