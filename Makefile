@@ -11,7 +11,7 @@ EXTRAS  ?= test,eval
 # rerunning resumes (finished (arm, task) results are skipped). RUN_LIMIT=all evaluates every item.
 LMUL_HOME ?= $(CURDIR)/.cache/lmul
 export LMUL_HOME
-RUN_LIMIT ?= 20
+RUN_LIMIT ?= 30
 RUN_OUT   ?= results/default-limit$(RUN_LIMIT)
 # one torch thread: on a 2-core machine shared with other work it is 4-10x faster than two (docs/eval.md)
 RUN_ARGS  ?= --threads 1
