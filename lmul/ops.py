@@ -18,15 +18,17 @@ See ``docs/semantics.md`` section 2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
 from lmul.autograd import LMulFunction  # straight-through gradient, docs/kernels.md
 from lmul.formats import Format, FormatLike, Rounding, check_float, pow2, quantize
 
-__all__ = ["Mode", "MODES", "mul", "offset_exponent", "resolve_offset", "products", "MUL_KERNELS", "register_mul_kernel"]
+__all__ = ["Mode", "MODES", "mul", "offset_exponent", "resolve_offset", "products", "MUL_KERNELS",
+           "register_mul_kernel"]
 
 Mode = Literal["bit", "formula", "exact"]
 MODES: tuple[str, ...] = ("bit", "formula", "exact")

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from lmul.formats import Format, quantize
+from lmul.formats import QUANTIZERS, Format, quantize
 from lmul.kernels.common import fixup
 from lmul.kernels.registry import describe
 from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
@@ -169,6 +169,17 @@ def quantize_cpu(x: torch.Tensor, fmt: Format, rounding: str = "rne") -> torch.T
     return out
 
 
+def _fast_quantize(x: torch.Tensor, fmt: Format, rounding: str) -> Optional[torch.Tensor]:
+    """:func:`quantize_cpu` as a fast path of :func:`lmul.formats.quantize` (float32 CPU input)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or _BUILD_ERROR is not None:
+        return None
+    try:
+        load()
+    except RuntimeError:
+        return None
+    return quantize_cpu(x, fmt, rounding)
+
+
 def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -> tuple:
     """One C call each for: left prep, right prep (packed strips), kernel; all batches at once."""
     bsz, m_rows, k = a.shape
@@ -245,7 +256,8 @@ def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torch.Tens
 _MUL_MODES = {"bit": 0, "formula": 1, "exact": 2}
 
 
-def cpu_mul(x: torch.Tensor, y: torch.Tensor, fmt: Format, mode: str, c: float, rounding: str) -> Optional[torch.Tensor]:
+def cpu_mul(x: torch.Tensor, y: torch.Tensor, fmt: Format, mode: str, c: float,
+            rounding: str) -> Optional[torch.Tensor]:
     """Elementwise L-Mul in one C++ pass (quantize both operands, products, specials): the bits of
     ``lmul.ops.products(quantize(x), quantize(y), fmt, mode, c)``, broadcast, float32. None (the
     caller falls back to torch ops) off the CPU, for an unknown mode or without a compiler."""
@@ -299,3 +311,4 @@ describe("cpu", "compiled C++ (OpenMP, SIMD): bit mode integer kernel (any m), f
          _machine)
 AUTO_ORDER.insert(0, "cpu")
 register_mul_kernel("cpu", cpu_mul)
+QUANTIZERS["cpu"] = _fast_quantize
