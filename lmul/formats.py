@@ -19,7 +19,13 @@ from typing import Literal, Union
 
 import torch
 
-__all__ = ["Format", "FormatLike", "E4M3", "E5M2", "BF16", "FP16", "FP32", "quantize"]
+__all__ = ["Format", "FormatLike", "E4M3", "E5M2", "BF16", "FP16", "FP32", "quantize", "QUANTIZERS"]
+
+# Fused quantizers for large inputs (the compiled CPU one registers itself from lmul.kernels.cpu_ext):
+# fn(x, fmt, rounding) -> the bits of the torch implementation below (saturating overflow), or None
+# where it does not apply. Tried only for saturating, non-grad inputs of at least QUANTIZER_MIN_NUMEL.
+QUANTIZERS: dict = {}
+QUANTIZER_MIN_NUMEL = 1 << 16
 
 Rounding = Literal["rne", "trunc"]
 Overflow = Literal["saturate", "ieee"]
@@ -204,6 +210,17 @@ def quantize(
         raise ValueError(f"rounding must be 'rne' or 'trunc', got {rounding!r}")
     if overflow not in ("saturate", "ieee"):
         raise ValueError(f"overflow must be 'saturate' or 'ieee', got {overflow!r}")
+    if (QUANTIZERS and overflow == "saturate" and x.numel() >= QUANTIZER_MIN_NUMEL
+            and not (x.requires_grad and torch.is_grad_enabled())):
+        for fn in QUANTIZERS.values():
+            out = fn(x, fmt, rounding)
+            if out is not None:
+                return out
+    return _quantize_torch(x, fmt, rounding, overflow)
+
+
+def _quantize_torch(x: torch.Tensor, fmt: Format, rounding: str, overflow: str) -> torch.Tensor:
+    """:func:`quantize` in torch ops (every device and option; the oracle for fused quantizers)."""
     src = torch.float64 if x.dtype == torch.float64 else torch.float32
     man, bias, itype = _SOURCE[src]
     xs = x.to(src)

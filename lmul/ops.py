@@ -18,6 +18,7 @@ See ``docs/semantics.md`` section 2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -26,7 +27,8 @@ import torch
 from lmul.autograd import LMulFunction  # straight-through gradient, docs/kernels.md
 from lmul.formats import Format, FormatLike, Rounding, check_float, pow2, quantize
 
-__all__ = ["Mode", "MODES", "mul", "offset_exponent", "resolve_offset", "products"]
+__all__ = ["Mode", "MODES", "mul", "offset_exponent", "resolve_offset", "products", "MUL_KERNELS",
+           "register_mul_kernel"]
 
 Mode = Literal["bit", "formula", "exact"]
 MODES: tuple[str, ...] = ("bit", "formula", "exact")
@@ -60,6 +62,18 @@ def resolve_offset(fmt: FormatLike, mode: str = "bit", offset: Optional[float] =
             f"added to the {fmt.man_bits}-bit mantissa field of {fmt.name}"
         )
     return offset
+
+
+MulKernel = Callable[[torch.Tensor, torch.Tensor, Format, str, float, str], Optional[torch.Tensor]]
+MUL_KERNELS: dict[str, MulKernel] = {}
+
+
+def register_mul_kernel(name: str, fn: MulKernel) -> None:
+    """Register a fused kernel for :func:`mul` without autograd: ``fn(x, y, fmt, mode, c, rounding)``
+    returns ``products(quantize(x), quantize(y), fmt, mode, c)`` with the same bits, or None where
+    it does not apply (device, dtype, ...). Kernels are tried in registration order (the compiled
+    CPU one registers itself from :mod:`lmul.kernels.cpu_ext`); delete an entry to disable it."""
+    MUL_KERNELS[name] = fn
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,10 @@ def mul(
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         run = lambda u, v: products(quantize(u, fmt, rounding), quantize(v, fmt, rounding), fmt, mode, c)
         return LMulFunction.apply(x, y, run, fmt, rounding)
+    for kernel in MUL_KERNELS.values():
+        out = kernel(x, y, fmt, mode, c, rounding)
+        if out is not None:
+            return out
     xq = quantize(x, fmt, rounding)
     yq = quantize(y, fmt, rounding)
     return products(xq, yq, fmt, mode, c)

@@ -33,12 +33,13 @@ from typing import Optional
 
 import torch
 
-from lmul.formats import Format, quantize
+from lmul.formats import QUANTIZERS, Format, quantize
 from lmul.kernels.common import fixup
 from lmul.kernels.registry import describe
 from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
+from lmul.ops import register_mul_kernel
 
-__all__ = ["load", "compiler", "cpu_matmul", "quantize_cpu", "release_workspace", "FLAGS"]
+__all__ = ["load", "compiler", "cpu_matmul", "cpu_mul", "quantize_cpu", "release_workspace", "FLAGS"]
 
 SOURCE = Path(__file__).with_name("lmul_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -168,6 +169,17 @@ def quantize_cpu(x: torch.Tensor, fmt: Format, rounding: str = "rne") -> torch.T
     return out
 
 
+def _fast_quantize(x: torch.Tensor, fmt: Format, rounding: str) -> Optional[torch.Tensor]:
+    """:func:`quantize_cpu` as a fast path of :func:`lmul.formats.quantize` (float32 CPU input)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or _BUILD_ERROR is not None:
+        return None
+    try:
+        load()
+    except RuntimeError:
+        return None
+    return quantize_cpu(x, fmt, rounding)
+
+
 def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -> tuple:
     """One C call each for: left prep, right prep (packed strips), kernel; all batches at once."""
     bsz, m_rows, k = a.shape
@@ -241,6 +253,34 @@ def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torch.Tens
     return fixup(out, a, b, spec, rows, cols)
 
 
+_MUL_MODES = {"bit": 0, "formula": 1, "exact": 2}
+
+
+def cpu_mul(x: torch.Tensor, y: torch.Tensor, fmt: Format, mode: str, c: float,
+            rounding: str) -> Optional[torch.Tensor]:
+    """Elementwise L-Mul in one C++ pass (quantize both operands, products, specials): the bits of
+    ``lmul.ops.products(quantize(x), quantize(y), fmt, mode, c)``, broadcast, float32. None (the
+    caller falls back to torch ops) off the CPU, for an unknown mode or without a compiler."""
+    if x.device.type != "cpu" or y.device.type != "cpu" or mode not in _MUL_MODES or _BUILD_ERROR is not None:
+        return None
+    if mode == "bit" and c * 2**fmt.man_bits != int(c * 2**fmt.man_bits):
+        return None
+    try:
+        lib = load()
+    except RuntimeError:
+        return None
+    shape = torch.broadcast_shapes(x.shape, y.shape)
+    xs = _as_f32(x, fmt, rounding).expand(shape).contiguous()
+    ys = _as_f32(y, fmt, rounding).expand(shape).contiguous()
+    out = torch.empty(shape, dtype=torch.float32)
+    n = out.numel()
+    if n:
+        lib.lmul_mul_elem(_ptr(xs), _ptr(ys), ctypes.c_int64(n), _ptr(out), ctypes.byref(_qparams(fmt, rounding)),
+                          _MUL_MODES[mode], int(c * 2**fmt.man_bits) if mode == "bit" else 0, ctypes.c_double(c),
+                          _threads(16 * n))
+    return out
+
+
 def _machine() -> Optional[str]:
     if _BUILD_ERROR is not None:
         return _BUILD_ERROR.splitlines()[0]
@@ -270,3 +310,5 @@ register_backend("cpu", cpu_matmul, _unavailable)
 describe("cpu", "compiled C++ (OpenMP, SIMD): bit mode integer kernel (any m), fused prep + BLAS for formula/exact",
          _machine)
 AUTO_ORDER.insert(0, "cpu")
+register_mul_kernel("cpu", cpu_mul)
+QUANTIZERS["cpu"] = _fast_quantize

@@ -359,4 +359,47 @@ void lmul_bit_matmul(const uint32_t* ia_all, const uint8_t* nz_all, const int16_
     }
 }
 
+
+// elementwise L-Mul (lmul.ops.products of quantized operands), one pass: quantize both, then
+// mode 0 bit: S = Mx + My + off, q = S >> m, P = (S - q 2^m + 2^m) 2^(xe + ye + q - m);
+// mode 1 formula: P = ((1 + c) + (Mx + My) 2^-m) 2^(xe + ye); mode 2 exact: P = X Y in double.
+// P is rounded once to float32. Zero/subnormal flush to zero, IEEE rules for inf/NaN, as ops.py.
+__attribute__((optimize("fp-contract=off")))
+void lmul_mul_elem(const float* x, const float* y, int64_t n, float* out, const QParams* p, int mode,
+                   int32_t off, double c, int nt) {
+    const QParams q = *p;
+    const int m = q.man_bits;
+    const double a1 = 1.0 + c, inv = std::ldexp(1.0, -m);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t bx = quant_bits(x[i], q), by = quant_bits(y[i], q);
+        const float fx = u2f(bx), fy = u2f(by);
+        if (mode == 2) { out[i] = (float)((double)fx * (double)fy); continue; }
+        const int kx = kind_of(bx, q), ky = kind_of(by, q);
+        const bool neg = ((bx ^ by) >> 31) != 0;
+        float res;
+        if (kx == 1 && ky == 1) {
+            const int32_t ex = (int32_t)((bx >> 23) & 0xFF) - 127, ey = (int32_t)((by >> 23) & 0xFF) - 127;
+            const int32_t mx = (int32_t)((bx & 0x7FFFFFu) >> (23 - m)), my = (int32_t)((by & 0x7FFFFFu) >> (23 - m));
+            double mag;
+            if (mode == 0) {
+                const int32_t s = mx + my + off, cq = s >> m;
+                const int32_t sig = (s - (cq << m)) + (1 << m);
+                mag = std::ldexp((double)sig, ex + ey + cq - m);
+            } else {
+                const double frac = (double)(mx + my) * inv;
+                mag = std::ldexp(a1 + frac, ex + ey);
+            }
+            res = (float)mag;
+            res = neg ? -res : res;
+        } else {
+            const float gx = kx == 0 ? 0.0f : fx, gy = ky == 0 ? 0.0f : fy;
+            const float sp = gx * gy;
+            if (std::isnan(sp)) res = sp;
+            else { res = std::fabs(sp); res = neg ? -res : res; }
+        }
+        out[i] = res;
+    }
+}
+
 }  // extern "C"
