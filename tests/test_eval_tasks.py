@@ -81,3 +81,21 @@ def test_prompts_from_arrow_fixtures(tmp_path):
         reqs = sorted((r for r in task.instances if r.doc_id == i), key=lambda r: r.idx)
         assert [r.args for r in reqs] == [(ctx, c) for c in conts]
         assert task.doc_to_target(task.eval_docs[i]) == gold
+
+
+def test_winogrande_partial_scoring(tmp_path):
+    """One context per option (sentence up to the blank, option filled in), one shared continuation;
+    the gold is the 1-based ``answer`` field."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    data = write_fixtures(tmp_path)
+    names = T.materialize(["winogrande"], data, tmp_path / "tasks", cache_dir=tmp_path / "cache")
+    task = get_task_dict(names, TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))[names[0]]
+    task.build_all_requests(limit=None, rank=0, world_size=1)
+    by_doc = {i: [r.args for r in sorted((r for r in task.instances if r.doc_id == i), key=lambda r: r.idx)]
+              for i in range(len(ROWS["winogrande"]))}
+    assert by_doc[0] == [("The ball broke the window because the ball", " was hard."),
+                         ("The ball broke the window because the window", " was hard.")]
+    assert by_doc[1] == [("Ann thanked Bea because Ann", " had helped her."),
+                         ("Ann thanked Bea because Bea", " had helped her.")]
+    assert [task.doc_to_text(d) for d in task.eval_docs] == [0, 1]

