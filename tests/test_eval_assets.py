@@ -68,3 +68,53 @@ def test_pins_are_sha256_hex():
     for a in assets.ASSETS.values():
         assert len(a.sha256) == 64 and int(a.sha256, 16) >= 0
         assert a.wheel.startswith(a.package.replace("-", "_") + "-" + a.version)
+
+
+def _chunked(tmp_path, chunks: list[bytes]):
+    """Fake chunk wheels and a ChunkedFile pinned (here, with hashlib) to them and to their concatenation."""
+    parts, wheels = [], []
+    for i, data in enumerate(chunks):
+        member = f"part{i}/data/f.bin.part{i:02d}"
+        w = _wheel(tmp_path / f"part{i}-1.0-py3-none-any.whl", {member: data, f"part{i}/__init__.py": b""})
+        parts.append(dataclasses.replace(assets.SMOLLM2, name=f"p{i}", package=f"part{i}", version="1.0",
+                                         wheel=w.name, sha256=hashlib.sha256(w.read_bytes()).hexdigest(),
+                                         members=(member,)))
+        wheels.append(w)
+    c = assets.ChunkedFile(name="fake-model", parts=tuple(parts), file="f.bin",
+                           sha256=hashlib.sha256(b"".join(chunks)).hexdigest(), what="fake")
+    return c, wheels
+
+
+def test_assemble_concatenates_in_order(tmp_path):
+    chunks = [b"alpha-" * 1000, b"beta-" * 777, b"gamma"]
+    c, wheels = _chunked(tmp_path, chunks)
+    path = assets.assemble(c, wheels, tmp_path / "home")
+    assert path == tmp_path / "home" / "fake-model" / "f.bin"
+    assert path.read_bytes() == b"".join(chunks)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]  # no temporary left behind
+
+
+def test_assemble_refuses_wrong_order_bad_chunk_or_count(tmp_path):
+    c, wheels = _chunked(tmp_path, [b"one", b"two"])
+    home = tmp_path / "home"
+    with pytest.raises(RuntimeError, match="does not match the pinned"):
+        assets.assemble(c, wheels[::-1], home)
+    bad = dataclasses.replace(c, sha256="0" * 64)
+    with pytest.raises(RuntimeError, match="not the published"):
+        assets.assemble(bad, wheels, home)
+    with pytest.raises(ValueError, match="2 chunk wheels expected, got 1"):
+        assets.assemble(c, wheels[:1], home)
+    assert not any((home / "fake-model").iterdir())  # nothing half-written
+
+
+def test_gemma_without_fetch_says_how(tmp_path):
+    with pytest.raises(assets.AssetMissing, match="lmul fetch gemma3-270m"):
+        assets.gemma3_gguf(tmp_path, allow_fetch=False)
+
+
+def test_gemma_pins():
+    c = assets.GEMMA3_270M
+    assert len(c.parts) == 4 and len(c.sha256) == 64
+    for i, p in enumerate(c.parts):
+        assert p.wheel.startswith(p.package.replace("-", "_") + "-" + p.version)
+        assert p.members[0].endswith(f".part{i:02d}") and len(p.sha256) == 64

