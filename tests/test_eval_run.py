@@ -142,6 +142,13 @@ def test_report_rebuilds_from_json(tmp_path, tiny):
     lone.mkdir()
     (lone / "results.json").write_bytes((out / "results.json").read_bytes())
     assert report.build(lone).read_text() == first
+    # as committed under docs/results/: gzipped
+    import gzip
+
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "results.json.gz").write_bytes(gzip.compress((out / "results.json").read_bytes()))
+    assert report.build(packed).read_text() == first
 
 
 def test_model_from_a_local_folder(tmp_path, tiny):

@@ -114,5 +114,6 @@ def register(sub) -> None:
 
     p = sub.add_parser("report", help="rebuild results.json, report.md and plots of a run folder")
     p.add_argument("run_dir")
-    p.add_argument("--from-json", action="store_true", help="use results.json as is (do not re-read parts/)")
+    p.add_argument("--from-json", action="store_true",
+                   help="use results.json (or results.json.gz) as is (do not re-read parts/)")
     p.set_defaults(func=_report)

@@ -217,7 +217,8 @@ def _div_table(results: dict) -> list[str]:
 
 
 def plots(results: dict, out: Path) -> list[Path]:
-    """accuracy.png (accuracy per arm and task, ±1.96 se) and kl.png (mean KL per arm and task)."""
+    """accuracy.png (accuracy per arm and task, ±1.96 se, chance level dashed) and kl.png (mean KL per
+    arm and task, ±1.96 se); an arm has the same colour in both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,6 +226,7 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     made = []
     arms = _arms(results)
+    color = {a: f"C{i}" for i, a in enumerate(arms)}  # the same colour for an arm in both plots
     tasks = list(results["tasks"])
     if tasks and arms:
         fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
@@ -233,10 +235,16 @@ def plots(results: dict, out: Path) -> list[Path]:
             x = np.arange(len(tasks)) + (i - (len(arms) - 1) / 2) * w
             y = [100 * results["tasks"][t][a]["acc"] if a in results["tasks"][t] else np.nan for t in tasks]
             e = [196 * results["tasks"][t][a]["se"] if a in results["tasks"][t] else np.nan for t in tasks]
-            ax.bar(x, y, w, yerr=np.nan_to_num(e), capsize=2, label=a)
+            ax.bar(x, y, w, yerr=np.nan_to_num(e), capsize=2, label=a, color=color[a])
+        for j, t in enumerate(tasks):  # chance level: mean over items of 1 / number of choices
+            items = next(iter(results["tasks"][t].values()))["items"]
+            if items and all("lls" in it for it in items):
+                chance = 100 * float(np.mean([1 / len(it["lls"]) for it in items]))
+                ax.hlines(chance, j - 0.45, j + 0.45, colors="k", linestyles="dashed", linewidth=1,
+                          label="chance" if j == 0 else None)
         ax.set_xticks(np.arange(len(tasks)), [_col(t) for t in tasks])
         ax.set_ylabel("accuracy (%), 95% CI")
-        ax.set_title(f"{results.get('model_desc', results['config']['model'])}")
+        ax.set_title(results.get("model_desc", results["config"]["model"]).split(" (")[0], fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         made.append(out / "accuracy.png")
@@ -252,10 +260,11 @@ def plots(results: dict, out: Path) -> list[Path]:
             x = np.arange(len(dtasks)) + (i - (len(darms) - 1) / 2) * w
             y = [div[t][a]["kl"] if a in div[t] else np.nan for t in dtasks]
             e = [1.96 * div[t][a]["kl_se"] if a in div[t] else np.nan for t in dtasks]
-            ax.bar(x, y, w, yerr=np.nan_to_num(e), capsize=2, label=a)
+            ax.bar(x, y, w, yerr=np.nan_to_num(e), capsize=2, label=a, color=color[a])
         ax.set_xticks(np.arange(len(dtasks)), [_col(t) for t in dtasks])
         ax.set_yscale("log")
-        ax.set_ylabel("mean KL(exact ‖ arm), nats")
+        ax.set_ylabel("mean KL(exact ‖ arm), nats, 95% CI")
+        ax.set_title(results.get("model_desc", results["config"]["model"]).split(" (")[0], fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         made.append(out / "kl.png")
@@ -298,8 +307,10 @@ def build(run_dir: Path, reassemble: bool = True) -> Path:
         results = assemble(run_dir)
     elif (run_dir / "results.json").exists():
         results = store.read_json(run_dir / "results.json")
+    elif (run_dir / "results.json.gz").exists():
+        results = store.read_json(run_dir / "results.json.gz")
     else:
-        raise FileNotFoundError(f"{run_dir} has neither results.json nor config.json + parts/: not a run folder")
+        raise FileNotFoundError(f"{run_dir} has neither results.json(.gz) nor config.json + parts/: not a run folder")
     plots(results, run_dir)
     store.write_atomic(run_dir / "report.md", render(results))
     return run_dir / "report.md"

@@ -33,7 +33,13 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    with open(path) as f:
+    """Read JSON; a ``.gz`` path is gunzipped (committed results are kept compressed)."""
+    if str(path).endswith(".gz"):
+        import gzip
+
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
