@@ -108,6 +108,26 @@ def _paper_rows(table: str, tasks: tuple[str, ...]) -> list[str]:
                                                   else "n/a" for t in tasks) + tail for m, a in keys]
 
 
+def _fmt_paired(p: stats.Paired) -> str:
+    return p.fmt() + (f" (p={p.p_mcnemar:.2g}, {p.b}/{p.c})" if p.b >= 0 else "")
+
+
+def pooled_paired(results: dict, tasks: tuple[str, ...], arm: str) -> stats.Paired | None:
+    """``arm`` against ``exact`` on the items of all ``tasks`` together (pairs matched by task and
+    doc_id), with the run's bootstrap settings; None unless both arms have every task."""
+    per = results["tasks"]
+    if not all("exact" in per[t] and arm in per[t] for t in tasks):
+        return None
+    base, mine = [], []
+    for t in tasks:
+        ref = {it["doc_id"]: it["acc"] for it in per[t]["exact"]["items"]}
+        for it in per[t][arm]["items"]:
+            if it["doc_id"] in ref:
+                base.append(ref[it["doc_id"]])
+                mine.append(it["acc"])
+    return stats.paired(base, mine, BOOT_ITERS, results["seed"])
+
+
 def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "") -> list[str]:
     tasks = tuple(t for t in tasks if t in results["tasks"])
     if not tasks:
@@ -129,10 +149,13 @@ def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "
             " | –" if len(tasks) > 1 else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + avg + " |")
     lines += _paper_rows(table, tasks)
+    pooled = len(tasks) > 1
     lines += ["", "Paired difference against `exact` in percentage points: diff ± half-width of the 95% paired "
               f"bootstrap CI ({BOOT_ITERS} resamples, seed {results['seed']}); McNemar exact p; "
-              "b/c = items only exact / only the arm got right.", "",
-              "| arm | " + " | ".join(_col(t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+              "b/c = items only exact / only the arm got right"
+              + ("; *all items*: the tasks' items pooled (item-weighted)." if pooled else "."), "",
+              "| arm | " + " | ".join(_col(t) for t in tasks) + (" | *all items* |" if pooled else " |"),
+              "|" + "---|" * (len(tasks) + 1 + pooled)]
     for arm in arms:
         if arm == "exact":
             continue
@@ -143,8 +166,10 @@ def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "
                 cells.append("–")
                 continue
             pp = stats.Paired(p["diff"], p["lo"], p["hi"], p["n"], p["b"], p["c"], p["p_mcnemar"])
-            extra = f" (p={p['p_mcnemar']:.2g}, {p['b']}/{p['c']})" if p["b"] >= 0 else ""
-            cells.append(pp.fmt() + extra)
+            cells.append(_fmt_paired(pp))
+        if pooled:
+            pp = pooled_paired(results, tasks, arm)
+            cells.append(_fmt_paired(pp) if pp else "–")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines + [""]
 
