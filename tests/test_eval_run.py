@@ -131,6 +131,21 @@ def test_resume_after_interruption(tmp_path, tiny, monkeypatch):
         run(_cfg(arms=("exact",), seed=99), out, loaded=tiny, data_root=data)
 
 
+def test_rerun_adds_an_arm(tmp_path, tiny):
+    """A second run into the same folder with one more arm computes only that arm and puts it in
+    config.json, results.json and the report."""
+    data = write_fixtures(tmp_path)
+    out = tmp_path / "run"
+    run(_cfg(arms=("exact",)), out, loaded=tiny, data_root=data)
+    before = store.part_path(out, "acc", "exact", "piqa").read_bytes()
+    run(_cfg(arms=("exact", "lmul")), out, loaded=tiny, data_root=data)
+    assert store.part_path(out, "acc", "exact", "piqa").read_bytes() == before  # not recomputed
+    assert store.read_json(out / "config.json")["config"]["arms"] == ["exact", "lmul"]
+    res = store.read_json(out / "results.json")
+    assert set(res["tasks"]["piqa"]) == {"exact", "lmul"} and "lmul" in res["divergence"]["piqa"]
+    assert "| lmul |" in report.build(out).read_text()
+
+
 def test_report_rebuilds_from_json(tmp_path, tiny):
     data = write_fixtures(tmp_path)
     out = tmp_path / "run"

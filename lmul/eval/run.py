@@ -115,6 +115,18 @@ def check_identity(out: Path, cfg: EvalConfig) -> None:
                          f"choose another --out or delete the folder")
 
 
+def extend_config(out: Path, cfg: EvalConfig) -> None:
+    """A rerun into an existing folder may add arms or tasks (the identity settings already match):
+    record them in config.json, after the old ones, so that results and report include them."""
+    meta = store.read_json(out / "config.json")
+    old = meta["config"]
+    arms = list(old["arms"]) + [a for a in cfg.arms if a not in old["arms"]]
+    tasks = list(old["tasks"]) + [t for t in cfg.tasks if t not in old["tasks"]]
+    if arms != list(old["arms"]) or tasks != list(old["tasks"]):
+        meta["config"] = {**old, "arms": arms, "tasks": tasks}
+        store.write_json(out / "config.json", meta)
+
+
 def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | None = None,
         loaded: tuple | None = None, data_root: Path | None = None) -> Path:
     """Run (or resume) ``cfg`` into ``out``; returns the path of results.json.
@@ -133,6 +145,8 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
                 "world_size": world, "versions": versions()}
         if not (out / "config.json").exists():
             store.write_json(out / "config.json", meta)
+        else:
+            extend_config(out, cfg)
     units = [(arm, t) for arm in cfg.arms for t in cfg.tasks]
     pending = [u for u in units if not store.part_path(out, "acc", *u).exists()]
     if cfg.divergence and cfg.n_div != 0:
