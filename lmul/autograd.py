@@ -31,14 +31,19 @@ def _q(x: torch.Tensor, fmt: Any, rounding: str) -> torch.Tensor:
     return quantize(x.detach(), fmt, rounding)
 
 
-class LMatmulFunction(torch.autograd.Function):
-    """``apply(a, b, forward_fn, fmt, rounding)``: value ``forward_fn(a, b)``, straight-through grads."""
+class _StraightThrough(torch.autograd.Function):
+    """Forward shared by both: the value is ``forward_fn(a, b)``; the operands and the operand format
+    are kept for the subclass's backward."""
 
     @staticmethod
     def forward(ctx, a, b, forward_fn, fmt, rounding):  # noqa: D102
         ctx.save_for_backward(a, b)
         ctx.fmt, ctx.rounding = fmt, rounding
         return forward_fn(a.detach(), b.detach())
+
+
+class LMatmulFunction(_StraightThrough):
+    """``apply(a, b, forward_fn, fmt, rounding)``: value ``forward_fn(a, b)``, straight-through grads."""
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -59,14 +64,8 @@ class LMatmulFunction(torch.autograd.Function):
         return ga, gb, None, None, None
 
 
-class LMulFunction(torch.autograd.Function):
+class LMulFunction(_StraightThrough):
     """``apply(x, y, forward_fn, fmt, rounding)``: value ``forward_fn(x, y)``, straight-through grads."""
-
-    @staticmethod
-    def forward(ctx, x, y, forward_fn, fmt, rounding):  # noqa: D102
-        ctx.save_for_backward(x, y)
-        ctx.fmt, ctx.rounding = fmt, rounding
-        return forward_fn(x.detach(), y.detach())
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102

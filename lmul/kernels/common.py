@@ -14,7 +14,18 @@ import torch
 from lmul.formats import Format
 from lmul.matmul import BACKENDS, MatmulSpec
 
-__all__ = ["fixup", "split_normal"]
+__all__ = ["fixup", "split_normal", "spec_unsupported"]
+
+
+def spec_unsupported(spec: MatmulSpec) -> str | None:
+    """Why no fast backend can run ``spec`` (None if one can): reduced-precision accumulation is
+    the reference backend's alone, and formula mode splits ``c`` exactly only when the offset is a
+    multiple of 2^-23 (``docs/kernels.md``)."""
+    if spec.acc is not None:
+        return f"reduced-precision accumulation (acc={spec.acc.name}) runs on the reference backend only"
+    if spec.mode == "formula" and (spec.offset * 2**23) != int(spec.offset * 2**23):
+        return f"formula mode needs the offset to be a multiple of 2^-23 (exact split), got {spec.offset!r}"
+    return None
 
 
 def fixup(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec,

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from lmul.formats import QUANTIZERS, Format, quantize
-from lmul.kernels.common import fixup
+from lmul.kernels.common import fixup, spec_unsupported
 from lmul.kernels.registry import describe
 from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
 from lmul.ops import register_mul_kernel
@@ -292,10 +292,9 @@ def _machine() -> Optional[str]:
 def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
     if a.device.type != "cpu":
         return f"CPU only, operands are on {a.device}"
-    if spec.acc is not None:
-        return f"reduced-precision accumulation (acc={spec.acc.name}) runs on the reference backend only"
-    if spec.mode == "formula" and (spec.offset * 2**23) != int(spec.offset * 2**23):
-        return f"formula mode needs the offset to be a multiple of 2^-23 (exact split), got {spec.offset!r}"
+    why = spec_unsupported(spec)
+    if why:
+        return why
     why = _machine()
     if why:
         return why

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from lmul.formats import quantize
-from lmul.kernels.common import fixup, split_normal
+from lmul.kernels.common import fixup, spec_unsupported, split_normal
 from lmul.kernels.registry import describe
 from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
 
@@ -98,13 +98,12 @@ def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torc
 
 
 def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
-    if spec.acc is not None:
-        return f"reduced-precision accumulation (acc={spec.acc.name}) runs on the reference backend only"
+    why = spec_unsupported(spec)
+    if why:
+        return why
     if spec.mode == "bit" and spec.fmt.man_bits > MAX_BIT_MAN_BITS:
         m = spec.fmt.man_bits
         return f"bit mode needs m <= {MAX_BIT_MAN_BITS} here (K grows by 2^m), {spec.fmt.name} has m={m}"
-    if spec.mode == "formula" and (spec.offset * 2**23) != int(spec.offset * 2**23):
-        return f"formula mode needs the offset to be a multiple of 2^-23 (exact split), got {spec.offset!r}"
     return None
 
 

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from lmul.formats import quantize
+from lmul.kernels.common import spec_unsupported
 from lmul.kernels.registry import describe
 from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
 
@@ -79,10 +80,9 @@ def _machine() -> Optional[str]:
 
 
 def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
-    if spec.acc is not None:
-        return f"reduced-precision accumulation (acc={spec.acc.name}) runs on the reference backend only"
-    if spec.mode == "formula" and (spec.offset * 2**23) != int(spec.offset * 2**23):
-        return f"formula mode needs the offset to be a multiple of 2^-23, got {spec.offset!r}"
+    why = spec_unsupported(spec)
+    if why:
+        return why
     why = _machine()
     if why:
         return why
