@@ -24,18 +24,19 @@ from typing import Optional
 
 import torch
 
-from lmul.formats import Format
-from lmul.matmul import BACKENDS, MatmulSpec, matmul, resolve_backend
-from lmul.ops import mul, resolve_offset
+from lmul import kernels
+from lmul.elementwise import mul
+from lmul.matmul import matmul
+from lmul.spec import LMulSpec
 
 __all__ = ["Case", "TARGETS", "run", "register"]
 
-# (mode, format) classes of the issue's target table: CPU ratio targets vs torch fp32 matmul
+# spec names (lmul.spec) of the issue's target table: CPU ratio targets vs torch fp32 matmul
 TARGETS = {
-    ("formula", "bf16"): 2.5, ("formula", "e4m3"): 2.5,
-    ("bit", "e4m3"): 12.0, ("bit", "e8m3"): 12.0,
-    ("bit", "bf16"): 6.0, ("bit", "fp16"): 6.0, ("bit", "fp32"): 6.0,
-    ("exact", "bf16"): None,
+    "bf16-formula": 2.5, "e4m3-formula": 2.5,
+    "e4m3-bit": 12.0, "e8m3-bit": 12.0,
+    "bf16-bit": 6.0, "fp16-bit": 6.0, "fp32-bit": 6.0,
+    "bf16-exact": None,
 }
 NAIVE_TARGET = 100.0
 MARK = "<!-- lmul-bench:{key}:{end} -->"  # one marked section per --section key
@@ -128,27 +129,28 @@ def best_times(fns: list[Callable[[], object]], device: str, reps: int, min_time
     return best
 
 
-def run(configs: list[tuple[str, str]], backends: list[str], case_list: list[Case], device: str = "cpu",
+def run(configs: list[LMulSpec], backends: list[str], case_list: list[Case], device: str = "cpu",
         reps: int = 3, min_time: float = 0.0, naive_size: int = 128,
         progress: Callable[[str], None] = print) -> list[dict]:
-    """Time every (mode, format) x backend x case; return result rows (dicts)."""
+    """Time every spec x backend x case; return result rows (dicts)."""
     rows = []
     for case in case_list:
         a, b = case.operands(device)
-        for mode, fmt in configs:
-            spec = MatmulSpec(Format.parse(fmt), mode, resolve_offset(fmt, mode), "rne", None, 1)
+        for spec in configs:
+            mode, fmt = spec.mode, spec.fmt.name
             for backend in backends:
-                a3 = a if a.dim() == 3 else a[None]
-                name = resolve_backend(a3, spec, "auto") if backend == "auto" else backend
-                why = BACKENDS[name][1](a3, spec) if name in BACKENDS else f"unknown backend {name}"
-                if why:
-                    progress(f"skip {case.name} {mode} {fmt} {backend}: {why}")
+                try:
+                    entry = kernels.select("matmul", a, spec.replace(backend=backend))
+                except (RuntimeError, ValueError) as err:
+                    progress(f"skip {case.name} {spec.name} {backend}: {err}")
                     continue
-                ours = lambda a=a, b=b, fmt=fmt, mode=mode, name=name: matmul(a, b, fmt, mode, backend=name)
+                name = entry.name
+                run_spec = spec.replace(backend=name)
+                ours = lambda a=a, b=b, run_spec=run_spec: matmul(a, b, spec=run_spec)
                 native = lambda a=a, b=b: torch.matmul(a, b)
                 t_ours, t_nat = best_times([ours, native], device, reps, min_time)
                 mem = peak_extra_mib(ours, device)
-                target = TARGETS.get((mode, fmt)) if device == "cpu" else None
+                target = TARGETS.get(spec.name) if device == "cpu" else None
                 row = {"case": case.name, "mode": mode, "format": fmt, "backend": backend if backend != "auto"
                        else f"auto->{name}", "time_ms": t_ours * 1e3, "native_ms": t_nat * 1e3,
                        "ratio": t_ours / t_nat, "tflops": case.flops / t_ours / 1e12, "mem_mib": mem,
@@ -165,14 +167,14 @@ def _naive_rows(configs, size: int, device: str, progress) -> list[dict]:
     """The naive broadcast emulation vs the auto backend at ``size``^3."""
     a, b = Case("", 0, size, size, size).operands(device)
     rows = []
-    for mode, fmt in configs:
-        naive = lambda fmt=fmt, mode=mode: mul(a[:, :, None], b[None, :, :], fmt, mode).sum(-2)
-        ours = lambda fmt=fmt, mode=mode: matmul(a, b, fmt, mode)
+    for spec in configs:
+        mode, fmt = spec.mode, spec.fmt.name
+        naive = lambda spec=spec: mul(a[:, :, None], b[None, :, :], spec=spec).sum(-2)
+        ours = lambda spec=spec: matmul(a, b, spec=spec)
         t_naive = best_times([naive], device, 2, 0.0)[0]
         t_ours = best_times([ours], device, 10, 1.0)[0]
-        spec = MatmulSpec(Format.parse(fmt), mode, resolve_offset(fmt, mode), "rne", None, 1)
         row = {"case": f"naive broadcast {size}^3", "mode": mode, "format": fmt,
-               "backend": f"auto->{resolve_backend(a[None], spec, 'auto')}", "time_ms": t_ours * 1e3,
+               "backend": f"auto->{kernels.select('matmul', a, spec).name}", "time_ms": t_ours * 1e3,
                "native_ms": t_naive * 1e3, "ratio": t_naive / t_ours, "tflops": 2 * size**3 / t_ours / 1e12,
                "mem_mib": None, "operands_mib": None, "naive": True,
                "target": NAIVE_TARGET if mode != "exact" else None}  # the target is for L-Mul modes
@@ -259,8 +261,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqs", default="512,1024", help="attention sequence lengths")
     p.add_argument("--head-dims", default="64,128", help="attention head dims")
     p.add_argument("--heads", type=int, default=8, help="batch*heads of the attention cases")
-    p.add_argument("--configs", default=",".join(f"{m}:{f}" for m, f in TARGETS),
-                   help="mode:format pairs, comma separated")
+    p.add_argument("--configs", default=",".join(TARGETS),
+                   help="spec or preset names (lmul.LMulSpec.from_name: bf16-bit, e4m3-formula, lmul-k3, ...), "
+                        "comma separated")
     p.add_argument("--backends", default="auto", help="'auto' and/or backend names, comma separated")
     p.add_argument("--reps", type=int, default=3, help="interleaved repeats (best time kept)")
     p.add_argument("--min-time", type=float, default=1.0,
@@ -274,7 +277,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs = [tuple(c.split(":")) for c in args.configs.split(",") if c]
+    configs = [LMulSpec.from_name(c) for c in args.configs.split(",") if c]
     case_list = cases(_ints(args.sizes), _ints(args.seqs), _ints(args.head_dims), args.heads)
     print(f"# {machine_line(args.device)}\n{HEADER}")
     rows = run(configs, [b for b in args.backends.split(",") if b], case_list, args.device, args.reps,

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from lmul.ops import mul
+from lmul.elementwise import mul
 
 # (x, y, note) rows of docs/semantics.md's golden table
 GOLDEN_INPUTS = [

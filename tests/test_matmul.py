@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmul import Format, matmul, quantize
-from lmul.matmul import REFERENCE_CHUNK
+from lmul.kernels.reference import REFERENCE_CHUNK
 from tests.oracle import SmallFormat, default_offset, spec_products
 
 
@@ -80,7 +80,7 @@ def test_non_contiguous_and_transposed():
 
 def test_chunking_covers_large_problems(monkeypatch):
     """Force tiny chunks so every chunk boundary (batch, rows, k) is crossed."""
-    monkeypatch.setattr(sys.modules["lmul.matmul"], "REFERENCE_CHUNK", 37)
+    monkeypatch.setattr(sys.modules["lmul.kernels.reference"], "REFERENCE_CHUNK", 37)
     g = torch.Generator().manual_seed(10)
     a, b = torch.randn(2, 11, 13, generator=g), torch.randn(2, 13, 5, generator=g)
     want, mag = oracle_matmul(a, b, "e4m3", "bit")

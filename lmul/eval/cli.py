@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lmul.eval.tasks import GROUPS, TASKS
+from lmul.spec import PRESETS
 
 DEFAULT_ARMS = "exact,e4m3,e5m2,lmul"
 
@@ -97,8 +98,8 @@ def register(sub) -> None:
                    "fetched on first use) or a local HF model folder")
     p.add_argument("--tasks", default="commonsense", help=f"comma list of tasks or groups. Groups: {groups}. "
                    f"Tasks: {', '.join(TASKS)}")
-    p.add_argument("--arms", default=DEFAULT_ARMS, help="comma list of lmul.patch presets: exact, e4m3, e5m2, lmul, "
-                   "lmul-k2, lmul-k3, lmul-k4, lmul-formula, mitchell, lmul-all ('exact' is always added)")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help="comma list of presets (lmul.spec.PRESETS): "
+                   f"{', '.join(PRESETS)} ('exact' is always added)")
     p.add_argument("--limit", type=_limit, default=None, help="first N items per task ('all' = every item)")
     p.add_argument("--div-limit", type=int, default=None, help="items per task in the divergence pass "
                    "(default: same as --limit; 0 skips it)")
