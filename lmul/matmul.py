@@ -147,7 +147,7 @@ def _spec_named(name: str) -> LMulSpec:
 
 @torch.library.custom_op("lmul::matmul", mutates_args=())
 def _matmul_op(a: torch.Tensor, b: torch.Tensor, spec: str) -> torch.Tensor:
-    return _matmul(a.detach(), b.detach(), _spec_named(spec))
+    return _matmul(a.detach(), b.detach(), _spec_named(spec)).contiguous()  # the fake impl's strides
 
 
 @_matmul_op.register_fake

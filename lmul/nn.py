@@ -137,7 +137,8 @@ class LMulLinear(nn.Module):
     def _weight_in_out(self) -> torch.Tensor:
         """The weight as [in, out] operand: cached quantized copy, or the live Parameter for autograd."""
         w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            # lmul.matmul quantizes its operands itself (idempotent): the cache only saves time
             return w if self.transposed else w.t()
         key = (w._version, w.device, w.dtype, w.data_ptr())
         if self._cache is None or self._cache[0] != key:
@@ -257,8 +258,8 @@ class _LMulFactor(torch.Tensor):
         kwargs = kwargs or {}
         config = next(a._lmul_config for a in args if isinstance(a, _LMulFactor))
         if func in _MUL_FUNCS and len(args) == 2 and not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            with torch._C.DisableTorchFunctionSubclass():
-                a, b = (x.as_subclass(torch.Tensor) for x in args)
+            with torch._C.DisableTorchFunctionSubclass():  # inside, the subclass behaves as a plain tensor
+                a, b = args
                 return mul(a, b, spec=config.spec).to(torch.promote_types(a.dtype, b.dtype))
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)

@@ -112,6 +112,7 @@ class LMulSpec:
         set_("acc_block", int(self.acc_block))
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend must be a backend name or 'auto', got backend={self.backend!r}")
+        set_("_name", self._make_name())  # precomputed: the custom ops take the spec by name
         del mode, rounding
 
     # -- names ------------------------------------------------------------------------------
@@ -127,6 +128,9 @@ class LMulSpec:
     def name(self) -> str:
         """``<fmt>-<mode>[-c<offset>][-trunc][-acc<fmt>[x<block>]][-<backend>]``; the offset part
         only when it is not the paper's default and the mode is not exact."""
+        return self._name
+
+    def _make_name(self) -> str:
         parts = [self.fmt.name, self.mode]
         if self.mode != "exact" and not self.default_offset:
             parts.append(f"c{self.offset!r}")
@@ -270,6 +274,8 @@ def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
     if spec is not None:
         if not isinstance(spec, LMulSpec):
             raise TypeError(f"spec must be an LMulSpec, got {type(spec).__name__}")
+        if all(type(v) is type(d) and v == d for k, v in options.items() for d in [_CALL_DEFAULTS.get(k, _MISSING)]):
+            return spec  # the common case, cheap (and traceable by torch.compile)
         defaults = {f.name: f.default for f in fields(LMulSpec)}
         clash = {k: v for k, v in options.items() if not _same(v, defaults.get(k))}
         if clash:
@@ -283,6 +289,12 @@ def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
                        full["backend"])
     except TypeError:  # an unhashable option (a list ...): validate it uncached, for the error message
         return LMulSpec(**full)
+
+
+_MISSING = object()
+# the default values of lmul.mul / lmul.matmul's keyword options, as the functions spell them
+_CALL_DEFAULTS = {"fmt": "bf16", "mode": "bit", "offset": None, "rounding": "rne", "acc": "fp32", "backend": "auto",
+                  "acc_block": 1}
 
 
 def _same(value: Any, default: Any) -> bool:
