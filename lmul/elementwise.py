@@ -118,6 +118,8 @@ def mul(
     check_devices("mul", x, y)
     if isinstance(fmt, LMulSpec):
         spec, fmt = (fmt if spec is None else spec), "bf16"
+    if spec is not None and backend != "auto":  # backend= picks where a given spec runs
+        spec, backend = spec.replace(backend=backend), "auto"
     spec = resolve_spec(spec, fmt=fmt, mode=mode, offset=offset, rounding=rounding, backend=backend)
     try:
         torch.broadcast_shapes(x.shape, y.shape)

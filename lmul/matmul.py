@@ -36,7 +36,6 @@ from lmul.spec import LMulSpec, Mode, resolve_spec
 __all__ = ["matmul", "MATMUL_CHUNK"]
 
 MATMUL_CHUNK = 1 << 22  # elements of each operand piece (and of its result) one backend call sees at most
-_K_CHUNK = MATMUL_CHUNK >> 6  # k per piece when K alone is too long (64: the widest column padding of a backend)
 
 
 def _shapes(a_shape: torch.Size, b_shape: torch.Size) -> tuple[tuple, int, int, int]:
@@ -78,7 +77,8 @@ def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpe
     n = b.shape[-1]
     if k == 0:
         return torch.zeros(bsz, m, n, dtype=torch.float32, device=a.device)
-    kk = _K_CHUNK if spec.acc is None and k * min(n, 64) > MATMUL_CHUNK else k
+    # k per piece when K alone is too long (64: the widest column padding of a backend)
+    kk = max(1, MATMUL_CHUNK >> 6) if spec.acc is None and k * min(n, 64) > MATMUL_CHUNK else k
     rm = min(m, max(1, MATMUL_CHUNK // kk))
     cn = min(n, max(1, MATMUL_CHUNK // kk), max(1, MATMUL_CHUNK // rm))
     whole = (rm, cn, kk) == (m, n, k)
@@ -201,6 +201,8 @@ def matmul(
     check_devices("matmul", a, b)
     if isinstance(fmt, LMulSpec):
         spec, fmt = (fmt if spec is None else spec), "bf16"
+    if spec is not None and backend != "auto":  # backend= picks where a given spec runs
+        spec, backend = spec.replace(backend=backend), "auto"
     spec = resolve_spec(spec, fmt=fmt, mode=mode, offset=offset, rounding=rounding, acc=acc, backend=backend,
                         acc_block=acc_block)
     _shapes(a.shape, b.shape)

@@ -133,7 +133,7 @@ class LMulSpec:
     def _make_name(self) -> str:
         parts = [self.fmt.name, self.mode]
         if self.mode != "exact" and not self.default_offset:
-            parts.append(f"c{self.offset!r}")
+            parts.append("c" + repr(self.offset).replace("e-", "em"))  # 1e-07 -> c1em07 ('-' separates parts)
         if self.rounding != "rne":
             parts.append(self.rounding)
         if self.acc is not None or self.acc_block != 1:
@@ -245,9 +245,9 @@ def _parse_name(name: str) -> dict:
     for i, part in enumerate(parts):
         if part in ROUNDINGS:
             out["rounding"] = part
-        elif re.fullmatch(r"c[0-9.e+]+", part):
+        elif re.fullmatch(r"c[0-9.em+]+", part):
             try:
-                out["offset"] = float(part[1:])
+                out["offset"] = float(part[1:].replace("em", "e-"))
             except ValueError as err:
                 raise ValueError(f"spec {name!r}: offset part {part!r} is not a number") from err
         elif part.startswith("acc"):
