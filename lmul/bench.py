@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 
 from lmul import kernels
 from lmul.elementwise import mul
+from lmul.files import replace_section
 from lmul.matmul import matmul
 from lmul.spec import LMulSpec
 
@@ -39,7 +39,6 @@ TARGETS = {
     "bf16-exact": None,
 }
 NAIVE_TARGET = 100.0
-MARK = "<!-- lmul-bench:{key}:{end} -->"  # one marked section per --section key
 
 
 @dataclass(frozen=True)
@@ -228,27 +227,15 @@ def machine_line(device: str) -> str:
 
 def write_results(rows: list[dict], path: Path, command: str, device: str, key: str = "main") -> None:
     """Replace the section marked ``key`` of ``path`` (created if absent) atomically."""
-    start, end = MARK.format(key=key, end="start"), MARK.format(key=key, end="end")
     body = "\n".join([
-        start,
         f"Machine: {machine_line(device)}. Command: `{command}`.",
         "Ratio = lmul.matmul time (whole call: quantize, prepare, multiply, fix-up) / torch.matmul fp32 time, "
         "best of interleaved repeats in the same run; naive rows: naive time / lmul time.",
         "",
         HEADER,
         *[_format_row(r) for r in rows],
-        end,
     ])
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if start in old and end in old:
-        new = old[: old.index(start)] + body + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + f"\n\n### L-Matmul kernels: `{key}`\n\n" + body + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
+    replace_section(path, key, f"L-Matmul kernels: `{key}`", body)
 
 
 def _ints(text: str) -> list[int]:

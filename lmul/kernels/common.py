@@ -41,10 +41,20 @@ def spec_unsupported(spec: LMulSpec) -> str | None:
     return None
 
 
+_BOUND_PIECE = 1 << 20  # elements per temporary of _exponent_bound
+
+
 def _exponent_bound(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """int ``e`` per row (dim=-1) or column (dim=-2) with ``|x| < 2^e`` over its finite entries."""
-    mag = torch.where(torch.isfinite(x), x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
-    return torch.frexp(mag.amax(dim).float()).exponent
+    """int ``e`` per row (dim=-1) or column (dim=-2) with ``|x| < 2^e`` over its finite entries
+    (computed in pieces along ``dim``: temporaries of at most about _BOUND_PIECE elements)."""
+    n = x.shape[dim]
+    step = max(1, _BOUND_PIECE // max(1, x.numel() // max(n, 1)))
+    top = None
+    for i in range(0, n, step):
+        part = x.narrow(dim, i, min(step, n - i))
+        mag = torch.where(torch.isfinite(part), part.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
+        top = mag.amax(dim) if top is None else torch.maximum(top, mag.amax(dim))
+    return torch.frexp(top.float()).exponent
 
 
 def overflow_risk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
