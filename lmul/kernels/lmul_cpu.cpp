@@ -438,20 +438,67 @@ static AccQ acc_params(const QParams& p) {
     return a;
 }
 
-// quantize(x, acc) for a vector: rne, saturating, NaN stays NaN, inf -> inf (has_inf) or max
+// quantize(x, acc) for a vector: rne, saturating, NaN stays NaN, inf -> inf (has_inf) or max.
+// Integer path: round the float32 bit pattern at bit sh (normal in the format), (|x| + cbig) - cbig
+// below the format's smallest normal.
 template <bool HAS_INF>
-static inline vf quant_acc(vf x, const AccQ& q) {
+static inline vf quant_int(vf x, const AccQ& q) {
     const vu u = (vu)x;
     const vu sign = u & 0x80000000u;
     const vu mag = u ^ sign;
-    const vu rn = (mag + (q.hm1 + ((mag >> q.sh) & q.lsbm))) & q.nmask;  // normal in the format
+    const vu rn = (mag + (q.hm1 + ((mag >> q.sh) & q.lsbm))) & q.nmask;
     const vf ax = (vf)mag;
-    const vu rs = (vu)((ax + q.cbig) - q.cbig);                        // subnormal in the format
+    const vu rs = (vu)((ax + q.cbig) - q.cbig);
     vu r = mag < q.minnorm ? rs : rn;
     r = r > q.fmaxb ? (vu){} + q.fmaxb : r;
     if (HAS_INF) r = mag == 0x7F800000u ? mag : r;
     r = mag > 0x7F800000u ? (vu){} + 0x7FC00000u : r;
     return (vf)(r | sign);
+}
+
+// Magic-number path (1 <= m <= 21 and 2^(emax + 25 - m) finite): with e = clamp(exponent of x,
+// emin, emax + 1) and C = 1.5 2^(e + 23 - m), (x + C) - C is x rounded to nearest even at
+// 2^(e - m), exactly the format's spacing (both operations exact but the one rounding; C's
+// significand is even, so ties go to the even mantissa). x >= 2^(emax + 1) stays above max.
+struct AccM {
+    int32_t flo, fhi;  // float32 exponent-field clamp: emin + 127, emax + 128
+    uint32_t cadd;     // ((23 - m) << 23) | 0x400000
+    float fmax;
+};
+
+template <bool HAS_INF>
+static inline vf quant_magic(vf x, const AccM& q) {
+    const vi u = (vi)x;
+    const vi mag = u & 0x7FFFFFFF;
+    vi f = mag >> 23;
+    f = f < q.flo ? q.flo : f;
+    f = f > q.fhi ? q.fhi : f;
+    const vf c = (vf)((f << 23) + (int32_t)q.cadd);
+    vf r = (x + c) - c;
+    r = r > q.fmax ? q.fmax : r;     // NaN compares false: stays NaN
+    r = r < -q.fmax ? -q.fmax : r;
+    if (HAS_INF) r = mag == 0x7F800000 ? x : r;
+    return (vf)(((vi)r) | (u & (int32_t)0x80000000));  // signed zero as quantize (copysign)
+}
+
+static int32_t fmt_emax(const QParams& p) {  // from max: the exponent of the largest finite value
+    int e;
+    std::frexp(p.fmax, &e);
+    return e - 1;
+}
+
+static bool magic_ok(const QParams& p) {
+    const int emax = fmt_emax(p);
+    return p.man_bits >= 1 && p.man_bits <= 21 && emax >= p.emin && emax + 25 - p.man_bits <= 127;
+}
+
+static AccM magic_params(const QParams& p) {
+    AccM a;
+    a.flo = p.emin + 127;
+    a.fhi = std::min(fmt_emax(p) + 128, 254);
+    a.cadd = ((uint32_t)(23 - p.man_bits) << 23) | 0x400000u;
+    a.fmax = p.fmax;
+    return a;
 }
 
 struct AccArgs {
@@ -469,109 +516,152 @@ struct AccArgs {
 
 static inline void no_fuse(vf& x) { asm("" : "+v"(x)); }  // keeps a multiply out of an FMA
 
-// one tile: rows i0..i0+3 (clamped to M - 1 for loads), columns s*JS + h*16*NA + [0, 16*NA)
-template <int MODE, bool HAS_INF>
-static void acc_tile(const AccArgs& A, const AccQ& q, int64_t bt, int64_t i0, int64_t s, int h,
-                     const uint8_t* fastkb) {
+// the products of rows row[0..3] at k with the NA vectors of the sub-tile (fast path)
+template <int MODE>
+static inline void fast_products(const AccArgs& A, const int64_t* row, int64_t kk, const uint32_t* bu,
+                                 const float* bf, vf P[4][NA]) {
+    const int64_t K = A.K;
+    const vf* pf = (const vf*)(bf + kk * JS);
+    if (MODE == 0) {
+        const vu* pu = (const vu*)(bu + kk * JS);
+        const uint8_t n0 = A.nz[row[0] * K + kk], n1 = A.nz[row[1] * K + kk];
+        const uint8_t n2 = A.nz[row[2] * K + kk], n3 = A.nz[row[3] * K + kk];
+        if (n0 & n1 & n2 & n3) {
+            for (int r = 0; r < 4; ++r) {
+                const vu a = (vu){} + A.au[row[r] * K + kk];
+                for (int v = 0; v < NA; ++v) P[r][v] = (vf)(pu[v] + a) * pf[v];
+            }
+        } else {
+            const uint8_t nn[4] = {n0, n1, n2, n3};
+            for (int r = 0; r < 4; ++r) {
+                const vu a = (vu){} + A.au[row[r] * K + kk];
+                for (int v = 0; v < NA; ++v) P[r][v] = nn[r] ? (vf)(pu[v] + a) * pf[v] : (vf){};
+            }
+        }
+    } else if (MODE == 1) {
+        const vi* pu = (const vi*)(bu + kk * JS);
+        for (int r = 0; r < 4; ++r) {
+            const vi l = (vi){} + (int32_t)A.au[row[r] * K + kk];
+            const float ah = A.af[row[r] * K + kk];
+            for (int v = 0; v < NA; ++v) P[r][v] = __builtin_convertvector(pu[v] + l, vf) * (pf[v] * ah);
+        }
+    } else {
+        for (int r = 0; r < 4; ++r) {
+            const float x = A.af[row[r] * K + kk];
+            for (int v = 0; v < NA; ++v) {
+                vf p = pf[v] * x;
+                no_fuse(p);
+                P[r][v] = p;
+            }
+        }
+    }
+}
+
+// exact scalar products (extreme exponents in this k block), zero where a product is zero
+template <int MODE>
+static inline void slow_products(const AccArgs& A, const int64_t* row, int64_t kk, const uint32_t* bu,
+                                 const float* bf, vf P[4][NA]) {
+    const int64_t K = A.K;
+    const uint32_t addc = (uint32_t)A.off << (23 - A.m);
+    const uint32_t* pu = bu + kk * JS;
+    const float* pf = bf + kk * JS;
+    for (int r = 0; r < 4; ++r) {
+        for (int v = 0; v < NA; ++v) P[r][v] = (vf){};
+        if (MODE == 0 && !A.nz[row[r] * K + kk]) continue;
+        const uint32_t au = A.au[row[r] * K + kk];
+        const float ah = MODE == 1 ? A.af[row[r] * K + kk] : 0.0f;
+        if (MODE == 1 && ah == 0.0f) continue;
+        for (int v = 0; v < NA; ++v)
+            for (int l = 0; l < 16; ++l) {
+                const int j = 16 * v + l;
+                if (pf[j] == 0.0f) continue;
+                if (MODE == 0) P[r][v][l] = bit_product_exact(au - addc + (127u << 23), pu[j], A.m, A.off);
+                else P[r][v][l] = (float)((double)(int32_t)(au + pu[j]) * (double)ah * (double)pf[j]);
+            }
+    }
+}
+
+template <bool HAS_INF, bool MAGIC>
+static inline vf quant_acc(vf x, const AccQ& q, const AccM& qm) {
+    return MAGIC ? quant_magic<HAS_INF>(x, qm) : quant_int<HAS_INF>(x, q);
+}
+
+// one tile: rows i0..i0+3 (clamped for loads), columns s*JS + h*16*NA + [0, 16*NA). Block sums
+// S start from +0 (S = +0 + P, so a zero product of either sign adds nothing and S is never -0).
+template <int MODE, bool HAS_INF, bool MAGIC>
+static void acc_tile(const AccArgs& A, const AccQ& q, const AccM& qm, int64_t bt, int64_t i0, int64_t s,
+                     int h, const uint8_t* fastkb) {
     const int64_t K = A.K, nkb = (K + KB - 1) / KB;
     const int64_t rp = A.rows_pad;
     int64_t row[4];
-    for (int r = 0; r < 4; ++r) row[r] = bt * rp + std::min(i0 + r, MODE == 0 ? rp - 1 : A.M - 1);
-    const uint32_t* bu = A.bu ? A.bu + (bt * A.ns + s) * K * JS + h * 16 * NA : nullptr;
+    for (int r = 0; r < 4; ++r) row[r] = bt * rp + std::min(i0 + r, rp - 1);
+    const uint32_t* bu = A.bu + (bt * A.ns + s) * K * JS + h * 16 * NA;
     const float* bf = A.bf + (bt * A.ns + s) * K * JS + h * 16 * NA;
-    const uint32_t addc = (uint32_t)A.off << (23 - A.m);
-    vf S[4][NA], T[4][NA];
+    vf S[4][NA], T[4][NA], P[4][NA];
     for (int r = 0; r < 4; ++r)
         for (int v = 0; v < NA; ++v) { S[r][v] = (vf){}; T[r][v] = (vf){}; }
-    int64_t k = 0;
-    while (k < K) {
-        const int64_t kb = k / KB;
-        const int64_t kend_b = std::min(K, (k / A.block + 1) * A.block);
-        const int64_t e = std::min(kend_b, std::min(K, (kb + 1) * KB));
-        if (MODE == 2 || fastkb[kb]) {
-            for (int64_t kk = k; kk < e; ++kk) {
-                const vf* pf = (const vf*)(bf + kk * JS);
-                if (MODE == 0) {
-                    const vu* pu = (const vu*)(bu + kk * JS);
-                    const uint8_t n0 = A.nz[row[0] * K + kk], n1 = A.nz[row[1] * K + kk];
-                    const uint8_t n2 = A.nz[row[2] * K + kk], n3 = A.nz[row[3] * K + kk];
-                    if (n0 & n1 & n2 & n3) {
-                        for (int r = 0; r < 4; ++r) {
-                            const vu a = (vu){} + A.au[row[r] * K + kk];
-                            for (int v = 0; v < NA; ++v) S[r][v] += (vf)(pu[v] + a) * pf[v];
-                        }
-                    } else if (n0 | n1 | n2 | n3) {
-                        const uint8_t nn[4] = {n0, n1, n2, n3};
-                        for (int r = 0; r < 4; ++r) {
-                            if (!nn[r]) continue;
-                            const vu a = (vu){} + A.au[row[r] * K + kk];
-                            for (int v = 0; v < NA; ++v) S[r][v] += (vf)(pu[v] + a) * pf[v];
-                        }
-                    }
-                } else if (MODE == 1) {
-                    const vi* pu = (const vi*)(bu + kk * JS);
-                    for (int r = 0; r < 4; ++r) {
-                        const vi l = (vi){} + (int32_t)A.au[row[r] * K + kk];
-                        const float ah = A.af[row[r] * K + kk];
+    if (A.block == 1) {  // T = quantize(T + (+0 + P)) per product
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+            const int64_t k1 = std::min(K, (kb + 1) * KB);
+            const bool fast = MODE == 2 || fastkb[kb];
+            if (fast) {
+                for (int64_t kk = kb * KB; kk < k1; ++kk) {
+                    fast_products<MODE>(A, row, kk, bu, bf, P);
+                    for (int r = 0; r < 4; ++r)
                         for (int v = 0; v < NA; ++v)
-                            S[r][v] += __builtin_convertvector(pu[v] + l, vf) * (pf[v] * ah);
-                    }
-                } else {
-                    for (int r = 0; r < 4; ++r) {
-                        const float x = A.af[row[r] * K + kk];
-                        for (int v = 0; v < NA; ++v) {
-                            vf p = pf[v] * x;
-                            no_fuse(p);
-                            S[r][v] += p;
-                        }
-                    }
+                            T[r][v] = quant_acc<HAS_INF, MAGIC>(T[r][v] + (P[r][v] + 0.0f), q, qm);
                 }
-            }
-        } else {  // extreme exponents in this k block: exact scalar products, same order
-            for (int64_t kk = k; kk < e; ++kk) {
-                const uint32_t* pu = bu + kk * JS;
-                const float* pf = bf + kk * JS;
-                for (int r = 0; r < 4; ++r) {
-                    if (MODE == 0 && !A.nz[row[r] * K + kk]) continue;
-                    const uint32_t au = A.au[row[r] * K + kk];
-                    const float ah = MODE == 1 ? A.af[row[r] * K + kk] : 0.0f;
-                    for (int v = 0; v < NA; ++v)
-                        for (int l = 0; l < 16; ++l) {
-                            const int j = 16 * v + l;
-                            if (pf[j] == 0.0f || (MODE == 1 && ah == 0.0f)) continue;  // zero product
-                            float p;
-                            if (MODE == 0) p = bit_product_exact(au - addc + (127u << 23), pu[j], A.m, A.off);
-                            else p = (float)((double)(int32_t)(au + pu[j]) * (double)ah * (double)pf[j]);
-                            S[r][v][l] += p;
-                        }
+            } else {
+                for (int64_t kk = kb * KB; kk < k1; ++kk) {
+                    slow_products<MODE>(A, row, kk, bu, bf, P);
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NA; ++v)
+                            T[r][v] = quant_acc<HAS_INF, MAGIC>(T[r][v] + (P[r][v] + 0.0f), q, qm);
                 }
             }
         }
-        if (e == kend_b) {
-            for (int r = 0; r < 4; ++r)
-                for (int v = 0; v < NA; ++v) {
-                    T[r][v] = quant_acc<HAS_INF>(T[r][v] + S[r][v], q);
-                    S[r][v] = (vf){};
+    } else {
+        int64_t next_b = std::min(K, A.block);  // end of the current accumulation block
+        for (int64_t k = 0; k < K;) {
+            const int64_t kb = k / KB;
+            const int64_t e = std::min(next_b, std::min(K, (kb + 1) * KB));
+            const bool fast = MODE == 2 || fastkb[kb];
+            if (fast) {
+                for (int64_t kk = k; kk < e; ++kk) {
+                    fast_products<MODE>(A, row, kk, bu, bf, P);
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NA; ++v) S[r][v] += P[r][v];
                 }
+            } else {
+                for (int64_t kk = k; kk < e; ++kk) {
+                    slow_products<MODE>(A, row, kk, bu, bf, P);
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NA; ++v) S[r][v] += P[r][v];
+                }
+            }
+            if (e == next_b) {
+                for (int r = 0; r < 4; ++r)
+                    for (int v = 0; v < NA; ++v) {
+                        T[r][v] = quant_acc<HAS_INF, MAGIC>(T[r][v] + S[r][v], q, qm);
+                        S[r][v] = (vf){};
+                    }
+                next_b = std::min(K, next_b + A.block);
+            }
+            k = e;
         }
-        k = e;
     }
     const int64_t j0 = s * JS + h * 16 * NA;
     const int64_t jn = std::min<int64_t>(16 * NA, A.N - j0);
     for (int r = 0; r < 4 && i0 + r < A.M; ++r) {
         float* crow = A.C + (bt * A.M + i0 + r) * A.N + j0;
-        if (jn == 16 * NA) {
-            std::memcpy(crow, &T[r][0], sizeof(float) * 16 * NA);
-        } else {
-            float tmp[16 * NA];
-            std::memcpy(tmp, &T[r][0], sizeof(tmp));
-            for (int64_t j = 0; j < jn; ++j) crow[j] = tmp[j];
-        }
+        float tmp[16 * NA];
+        std::memcpy(tmp, &T[r][0], sizeof(tmp));
+        for (int64_t j = 0; j < jn; ++j) crow[j] = tmp[j];
     }
 }
 
-template <int MODE, bool HAS_INF>
-static void acc_run(const AccArgs& A, const AccQ& q, int nt) {
+template <int MODE, bool HAS_INF, bool MAGIC>
+static void acc_run(const AccArgs& A, const AccQ& q, const AccM& qm, int nt) {
     const int64_t nkb = (A.K + KB - 1) / KB, nquads = (A.M + 3) / 4;
     const int64_t nrb = (nquads + RBQ - 1) / RBQ;
     const int64_t ntask = A.nb * A.ns * HS * nrb;
@@ -589,7 +679,7 @@ static void acc_run(const AccArgs& A, const AccQ& q, int nt) {
                     for (int64_t kb = 0; kb < nkb; ++kb) {
                         int alo = 1000, ahi = -1000;
                         for (int r = 0; r < 4; ++r) {
-                            const int64_t ri = bt * A.rows_pad + std::min(i0 + r, (MODE == 0 ? A.rows_pad : A.M) - 1);
+                            const int64_t ri = bt * A.rows_pad + std::min(i0 + r, A.rows_pad - 1);
                             alo = std::min(alo, (int)A.afmn[ri * nkb + kb]);
                             ahi = std::max(ahi, (int)A.afmx[ri * nkb + kb]);
                         }
@@ -598,7 +688,7 @@ static void acc_run(const AccArgs& A, const AccQ& q, int nt) {
                         fastkb[kb] = (uint8_t)(ahi < 0 || bhi < 0 || ((ahi + bhi - 127 + 2 <= 254) && (alo + blo - 127 >= 1)));
                     }
                 }
-                acc_tile<MODE, HAS_INF>(A, q, bt, i0, s, (int)h, fastkb);
+                acc_tile<MODE, HAS_INF, MAGIC>(A, q, qm, bt, i0, s, (int)h, fastkb);
             }
         }
         delete[] fastkb;
@@ -616,21 +706,32 @@ void lmul_acc_matmul(int mode, const uint32_t* au, const float* af, const uint8_
                      int m, int off, int64_t block, const QParams* accp, int nt) {
     const AccArgs A{mode, au, af, nz, afmn, afmx, nb, rows_pad, M, K, bu, bf, bfmn, bfmx, ns, N, C, m, off, block};
     const AccQ q = acc_params(*accp);
-    const bool inf = accp->has_inf != 0;
-    if (mode == 0) inf ? acc_run<0, true>(A, q, nt) : acc_run<0, false>(A, q, nt);
-    else if (mode == 1) inf ? acc_run<1, true>(A, q, nt) : acc_run<1, false>(A, q, nt);
-    else inf ? acc_run<2, true>(A, q, nt) : acc_run<2, false>(A, q, nt);
+    const AccM qm = magic_params(*accp);
+    const bool inf = accp->has_inf != 0, magic = magic_ok(*accp);
+#define LMUL_ACC_RUN(MODE) \
+    (inf ? (magic ? acc_run<MODE, true, true>(A, q, qm, nt) : acc_run<MODE, true, false>(A, q, qm, nt)) \
+         : (magic ? acc_run<MODE, false, true>(A, q, qm, nt) : acc_run<MODE, false, false>(A, q, qm, nt)))
+    if (mode == 0) LMUL_ACC_RUN(0);
+    else if (mode == 1) LMUL_ACC_RUN(1);
+    else LMUL_ACC_RUN(2);
+#undef LMUL_ACC_RUN
 }
 
-// the vector accumulator quantizer on n floats (n a multiple of 16), for tests
-void lmul_quantize_acc(const float* x, int64_t n, float* out, const QParams* p) {
+// the vector accumulator quantizers on n floats (n a multiple of 16), for tests: path 0 integer,
+// 1 magic number (only where magic_ok), -1 the one the kernels use
+int lmul_quantize_acc(const float* x, int64_t n, float* out, const QParams* p, int path) {
     const AccQ q = acc_params(*p);
+    const AccM qm = magic_params(*p);
+    const bool magic = path == 1 || (path == -1 && magic_ok(*p));
+    if (path == 1 && !magic_ok(*p)) return 0;
     for (int64_t i = 0; i + 16 <= n; i += 16) {
         vf v;
         std::memcpy(&v, x + i, 64);
-        v = p->has_inf ? quant_acc<true>(v, q) : quant_acc<false>(v, q);
+        if (p->has_inf) v = magic ? quant_magic<true>(v, qm) : quant_int<true>(v, q);
+        else v = magic ? quant_magic<false>(v, qm) : quant_int<false>(v, q);
         std::memcpy(out + i, &v, 64);
     }
+    return 1;
 }
 
 // formula mode with acc, left operand: nb batches of M x K -> L (uint32), ah (float) [nb][M][K],
