@@ -417,7 +417,7 @@ void lmul_mul_elem(const float* x, const float* y, int64_t n, float* out, const 
 //              the power-of-two scaling is exact while the product is a normal float32
 //   2 exact:   P = Y * X (one IEEE float32 multiply = the exact product rounded once)
 // bit/formula tiles where a product could leave float32's normal range use exact scalar products.
-static const int NA = 2;           // 16-lane vectors per accumulator sub-tile (4 rows x 32 columns)
+static const int NA = 4;           // 16-lane vectors per accumulator tile (4 rows x 64 columns)
 static const int HS = JS / (16 * NA);  // sub-tiles per strip
 typedef int32_t vi __attribute__((vector_size(64)));
 
