@@ -14,6 +14,8 @@ torch headers, builds in about 2 s, no ninja). ``LMUL_CXX`` overrides the compil
   could leave float32's normal range is computed by an exact scalar path instead.
 * ``formula`` / ``exact`` mode: fused preparation in C++, then one torch (BLAS) float32 matmul
   (:mod:`lmul.kernels.decompose` gives the math).
+* ``acc=<format>`` (every mode): no BLAS (its order is unspecified); one C++ kernel forms each
+  product exactly and sums in the defined order (docs/semantics.md section 4, docs/kernels.md).
 
 inf/NaN rows/columns are recomputed by the reference backend (:func:`lmul.kernels.common.fixup`).
 """
