@@ -30,12 +30,12 @@ from lmul.spec import LMulSpec
 __all__ = ["fixup", "split_normal", "spec_unsupported", "overflow_risk"]
 
 
-def spec_unsupported(spec: LMulSpec) -> str | None:
-    """Why no fast backend can run ``spec`` (None if one can): reduced-precision accumulation is
-    the reference backend's alone, and formula mode splits ``c`` exactly only when the offset is a
-    multiple of 2^-23 (``docs/kernels.md``)."""
-    if spec.acc is not None:
-        return f"reduced-precision accumulation (acc={spec.acc.name}) runs on the reference backend only"
+def spec_unsupported(spec: LMulSpec, acc: bool = False) -> str | None:
+    """Why a fast backend cannot run ``spec`` (None if it can): reduced-precision accumulation
+    only where the backend implements it (``acc=True``), and formula mode splits ``c`` exactly only
+    when the offset is a multiple of 2^-23 (``docs/kernels.md``)."""
+    if spec.acc is not None and not acc:
+        return f"reduced-precision accumulation (acc={spec.acc.name}) is not implemented by this backend"
     if spec.mode == "formula" and (spec.offset * 2**23) != int(spec.offset * 2**23):
         return f"formula mode needs the offset to be a multiple of 2^-23 (exact split), got {spec.offset!r}"
     return None

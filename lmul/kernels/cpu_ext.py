@@ -14,6 +14,8 @@ torch headers, builds in about 2 s, no ninja). ``LMUL_CXX`` overrides the compil
   could leave float32's normal range is computed by an exact scalar path instead.
 * ``formula`` / ``exact`` mode: fused preparation in C++, then one torch (BLAS) float32 matmul
   (:mod:`lmul.kernels.decompose` gives the math).
+* ``acc=<format>`` (every mode): no BLAS (its order is unspecified); one C++ kernel forms each
+  product exactly and sums in the defined order (docs/semantics.md section 4, docs/kernels.md).
 
 inf/NaN rows/columns are recomputed by the reference backend (:func:`lmul.kernels.common.fixup`).
 """
@@ -40,7 +42,8 @@ from lmul.spec import MODE_CODES, LMulSpec
 __all__ = ["load", "compiler", "cpu_matmul", "cpu_mul", "quantize_cpu", "release_workspace", "FLAGS", "machine",
            "matmul_unavailable", "mul_unavailable", "quantize_unavailable", "DESCRIPTION"]
 
-DESCRIPTION = "compiled C++ (OpenMP, SIMD): bit mode integer kernel (any m), fused prep + BLAS for formula/exact"
+DESCRIPTION = ("compiled C++ (OpenMP, SIMD): bit mode integer kernel (any m), fused prep + BLAS for formula/exact; "
+               "acc=<format> in the defined order")
 
 SOURCE = Path(__file__).with_name("lmul_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -229,6 +232,66 @@ def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: cty
     return torch.matmul(left, right), rowflag.bool(), colflag.bool()
 
 
+def _acc(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: ctypes.CDLL) -> tuple:
+    """Reduced-precision accumulation (``spec.acc``), every mode: prepared operands, then one C
+    call that forms each product exactly (as :func:`lmul.ops.products`) and accumulates in the
+    order of docs/semantics.md section 4 (float32 block sums in increasing k, the running sum
+    rounded to ``spec.acc`` after each block)."""
+    bsz, m_rows, k = a.shape
+    n = b.shape[-1]
+    qp = ctypes.byref(_qparams(spec.fmt, spec.rounding))
+    m = spec.fmt.man_bits
+    js, kb = lib.lmul_strip_width(), lib.lmul_k_block()
+    ns, nkb = -(-n // js), -(-k // kb)
+    nt_a, nt_b, nt = _threads(16 * a.numel()), _threads(16 * b.numel()), _threads(bsz * m_rows * k * n)
+    i64 = ctypes.c_int64
+    colflag = torch.empty(bsz, n, dtype=torch.uint8)
+    bfmn = torch.empty(bsz, nkb, ns, dtype=torch.int16)
+    bfmx = torch.empty(bsz, nkb, ns, dtype=torch.int16)
+    bf = _buffer("wb", (bsz, ns, k, js), torch.float32)
+    bu = _buffer("vb", (bsz, ns, k, js), torch.int32)
+    au = nz = afmn = afmx = None
+    off = 0
+    if spec.mode == "bit":
+        off = int(spec.offset * 2**m)
+        rows_pad = -(-m_rows // 4) * 4
+        rowflag = torch.empty(bsz, rows_pad, dtype=torch.uint8)
+        au = _buffer("ia", (bsz, rows_pad, k), torch.int32)
+        nz = _buffer("nz", (bsz, rows_pad, k), torch.uint8)
+        afmn = torch.empty(bsz, rows_pad, nkb, dtype=torch.int16)
+        afmx = torch.empty(bsz, rows_pad, nkb, dtype=torch.int16)
+        af = None
+        lib.lmul_prep_bit_a(_ptr(a), i64(bsz), i64(m_rows), i64(rows_pad), i64(k), _ptr(au), _ptr(nz), _ptr(afmn),
+                            _ptr(afmx), _ptr(rowflag), qp, off, nt_a)
+        lib.lmul_prep_bit_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(bu), _ptr(bf), _ptr(bfmn), _ptr(bfmx),
+                            _ptr(colflag), qp, nt_b)
+        rowflag = rowflag[:, :m_rows]
+    else:
+        rows_pad = m_rows
+        rowflag = torch.empty(bsz, m_rows, dtype=torch.uint8)
+        af = _buffer("left", (bsz, m_rows, k), torch.float32)
+        if spec.mode == "formula":
+            au = _buffer("ia", (bsz, m_rows, k), torch.int32)
+            afmn = torch.empty(bsz, m_rows, nkb, dtype=torch.int16)
+            afmx = torch.empty(bsz, m_rows, nkb, dtype=torch.int16)
+            c23 = int(spec.offset * 2**23)  # exact: spec_unsupported checked the offset
+            lib.lmul_prep_acc_formula_a(_ptr(a), i64(bsz), i64(m_rows), i64(k), _ptr(au), _ptr(af), _ptr(afmn),
+                                        _ptr(afmx), _ptr(rowflag), qp, i64(c23), nt_a)
+        else:
+            junk = torch.empty(bsz * k, dtype=torch.uint8)
+            lib.lmul_prep_exact(_ptr(a), i64(bsz), i64(m_rows), i64(k), _ptr(af), _ptr(rowflag), _ptr(junk), qp,
+                                nt_a)
+        lib.lmul_prep_acc_b(_ptr(b), i64(bsz), i64(k), i64(n), MODE_CODES[spec.mode], _ptr(bu), _ptr(bf),
+                            _ptr(bfmn), _ptr(bfmx), _ptr(colflag), qp, nt_b)
+    out = torch.empty(bsz, m_rows, n, dtype=torch.float32)
+    null = ctypes.c_void_p(None)
+    opt = lambda t: null if t is None else _ptr(t)  # noqa: E731
+    lib.lmul_acc_matmul(MODE_CODES[spec.mode], opt(au), opt(af), opt(nz), opt(afmn), opt(afmx), i64(bsz),
+                        i64(rows_pad), i64(m_rows), i64(k), _ptr(bu), _ptr(bf), _ptr(bfmn), _ptr(bfmx), i64(ns),
+                        i64(n), _ptr(out), m, off, i64(spec.acc_block), ctypes.byref(_qparams(spec.acc, "rne")), nt)
+    return out, rowflag.bool(), colflag.bool()
+
+
 def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
     """[B, M, K] x [B, K, N] -> [B, M, N] float32 on the CPU (see the module docstring)."""
     lib = load()
@@ -236,7 +299,9 @@ def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor
     b32 = _as_f32(b, spec.fmt, spec.rounding)
     if 0 in a32.shape or 0 in b32.shape:
         return torch.zeros(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.float32)
-    if spec.mode == "bit":
+    if spec.acc is not None:
+        out, rows, cols = _acc(a32, b32, spec, lib)
+    elif spec.mode == "bit":
         out, rows, cols = _bit(a32, b32, spec, lib)
     else:
         out, rows, cols = _formula_or_exact(a32, b32, spec, lib)
@@ -288,7 +353,7 @@ def _loadable() -> Optional[str]:
 def matmul_unavailable(a: torch.Tensor, spec: LMulSpec) -> Optional[str]:
     if a.device.type != "cpu":
         return f"CPU only, operands are on {a.device}"
-    return spec_unsupported(spec) or _loadable()
+    return spec_unsupported(spec, acc=True) or _loadable()
 
 
 def mul_unavailable(x: torch.Tensor, spec: LMulSpec) -> Optional[str]:

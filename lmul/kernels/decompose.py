@@ -32,7 +32,8 @@ from lmul.spec import LMulSpec
 
 __all__ = ["decompose_matmul", "unavailable", "MAX_BIT_MAN_BITS", "carry_table", "DESCRIPTION"]
 
-DESCRIPTION = "torch matmuls of prepared operands, any device: formula (K x2), bit m<=4 (K x2^m), exact"
+DESCRIPTION = ("torch matmuls of prepared operands, any device: formula (K x2), bit m<=4 (K x2^m), exact; "
+               "acc=<format> per-k products in the defined order")
 
 MAX_BIT_MAN_BITS = 4  # bit mode expands K by 2^m
 
@@ -67,6 +68,42 @@ def _special(x: torch.Tensor, dim: int, top_binade: bool = False) -> torch.Tenso
     return bad.any(dim)
 
 
+def _acc_matmul(a: torch.Tensor, b: torch.Tensor, aq: torch.Tensor, bq: torch.Tensor,
+                spec: LMulSpec) -> torch.Tensor:
+    """Reduced-precision accumulation (``spec.acc``): a matmul's summation order is unspecified,
+    so the products of each k are formed elementwise ([B, M, N], bit-exact as the reference) and
+    summed in the order of docs/semantics.md section 4 (float32 block sums from +0 in increasing
+    k, ``total = quantize(total + block sum, acc)`` after each block).
+
+    bit: ``P = X^ (Y^ g(M_x, M_y))``, the factor ``Y^ g`` exact, one rounding; formula: the exact
+    ``(2^m (1 + c) + M_x + M_y) 2^(xe + ye - m)`` in float64, rounded once; exact: one float32
+    multiply (IEEE: the exact product rounded once)."""
+    m = spec.fmt.man_bits
+    bsz, rows, k = aq.shape
+    if spec.mode == "bit":
+        _, ha, ma = split_normal(aq, spec.fmt)
+        _, hb, mb = split_normal(bq, spec.fmt)
+        g = carry_table(m, int(spec.offset * 2**m), a.device)
+        prod = lambda kk: ha[:, :, kk, None] * (hb[:, None, kk, :] * g[ma[:, :, kk, None], mb[:, None, kk, :]])
+    elif spec.mode == "formula":
+        xa, ha, _ = split_normal(aq, spec.fmt)
+        xb, hb, _ = split_normal(bq, spec.fmt)
+        # X Y^ + X^ (Y + (c-1) Y^), both terms exact in float64, summed exactly there
+        la, lb = xa.double(), (xb.double() + (spec.offset - 1.0) * hb.double())
+        ha64, hb64 = ha.double(), hb.double()
+        prod = lambda kk: (la[:, :, kk, None] * hb64[:, None, kk, :]
+                           + ha64[:, :, kk, None] * lb[:, None, kk, :]).float()
+    else:
+        prod = lambda kk: aq[:, :, kk, None] * bq[:, None, kk, :]
+    total = torch.zeros(bsz, rows, bq.shape[-1], dtype=torch.float32, device=a.device)
+    for start in range(0, k, spec.acc_block):
+        block = torch.zeros_like(total)
+        for kk in range(start, min(k, start + spec.acc_block)):
+            block += prod(kk)
+        total = quantize(total + block, spec.acc)
+    return total
+
+
 def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
     """[B, M, K] x [B, K, N] -> [B, M, N] float32 by the decompositions above."""
     a = a.detach()
@@ -74,6 +111,10 @@ def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.
     aq = quantize(a, spec.fmt, spec.rounding)
     bq = quantize(b, spec.fmt, spec.rounding)
     m = spec.fmt.man_bits
+    if spec.acc is not None:
+        out = _acc_matmul(a, b, aq, bq, spec)
+        top = spec.mode == "bit"
+        return fixup(out, a, b, spec, _special(aq, -1), _special(bq, -2, top_binade=top))
     with _no_tf32(a.device):
         if spec.mode == "exact":
             out = torch.matmul(aq, bq)
@@ -99,7 +140,7 @@ def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.
 
 
 def unavailable(a: torch.Tensor, spec: LMulSpec) -> Optional[str]:
-    why = spec_unsupported(spec)
+    why = spec_unsupported(spec, acc=True)
     if why:
         return why
     if spec.mode == "bit" and spec.fmt.man_bits > MAX_BIT_MAN_BITS:

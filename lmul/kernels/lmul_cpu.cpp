@@ -403,3 +403,410 @@ void lmul_mul_elem(const float* x, const float* y, int64_t n, float* out, const 
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// Reduced-precision accumulation (acc=<format>, docs/semantics.md section 4), every mode.
+// Per output (i, j), in increasing k: each block [k0, k0 + block) of products is summed
+// sequentially in float32 starting from +0, then total = quantize(float32(total + block sum))
+// (rne, saturating) with total starting from +0. A block sum that starts from +0 is never -0,
+// so the signs of zero products never matter and zero products may be skipped.
+// Products per mode, from prepared operands (au/af per row and k, bu/bf packed in strips):
+//   0 bit:     P = bits(ia + vb) * wb (as lmul_bit_matmul; rows with nz = 0 are skipped)
+//   1 formula: P = float(L + R) * (ah * hb), L = 2^23 (1 + c) + Mx 2^(23-m), R = My 2^(23-m),
+//              ah = sign 2^(xe - 23), hb = sign 2^ye (0 if flushed): one rounding (int -> float),
+//              the power-of-two scaling is exact while the product is a normal float32
+//   2 exact:   P = Y * X (one IEEE float32 multiply = the exact product rounded once)
+// bit/formula tiles where a product could leave float32's normal range use exact scalar products.
+static const int NA = 4;           // 16-lane vectors per accumulator tile (4 rows x 64 columns)
+static const int HS = JS / (16 * NA);  // sub-tiles per strip
+typedef int32_t vi __attribute__((vector_size(64)));
+
+struct AccQ {             // rne + saturate into the accumulator format, on float32 bit patterns
+    uint32_t sh, hm1, lsbm, nmask, minnorm, fmaxb;
+    float cbig;           // 2^(emin - m + 23): (|x| + cbig) - cbig rounds |x| < 2^emin to the format
+};
+
+static AccQ acc_params(const QParams& p) {
+    AccQ a;
+    a.sh = (uint32_t)(23 - p.man_bits);
+    a.hm1 = a.sh ? (1u << (a.sh - 1)) - 1u : 0u;
+    a.lsbm = a.sh ? 1u : 0u;
+    a.nmask = ~((1u << a.sh) - 1u);
+    a.minnorm = (uint32_t)(p.emin + 127) << 23;
+    a.fmaxb = f2u(p.fmax);
+    a.cbig = std::ldexp(1.0f, p.emin - p.man_bits + 23);
+    return a;
+}
+
+// quantize(x, acc) for a vector: rne, saturating, NaN stays NaN, inf -> inf (has_inf) or max.
+// Integer path: round the float32 bit pattern at bit sh (normal in the format), (|x| + cbig) - cbig
+// below the format's smallest normal.
+template <bool HAS_INF>
+static inline vf quant_int(vf x, const AccQ& q) {
+    const vu u = (vu)x;
+    const vu sign = u & 0x80000000u;
+    const vu mag = u ^ sign;
+    const vu rn = (mag + (q.hm1 + ((mag >> q.sh) & q.lsbm))) & q.nmask;
+    const vf ax = (vf)mag;
+    const vu rs = (vu)((ax + q.cbig) - q.cbig);
+    vu r = mag < q.minnorm ? rs : rn;
+    r = r > q.fmaxb ? (vu){} + q.fmaxb : r;
+    if (HAS_INF) r = mag == 0x7F800000u ? mag : r;
+    r = mag > 0x7F800000u ? (vu){} + 0x7FC00000u : r;
+    return (vf)(r | sign);
+}
+
+// Magic-number path (1 <= m <= 21 and 2^(emax + 25 - m) finite): with e = clamp(exponent of x,
+// emin, emax + 1) and C = 1.5 2^(e + 23 - m), (x + C) - C is x rounded to nearest even at
+// 2^(e - m), exactly the format's spacing (both operations exact but the one rounding; C's
+// significand is even, so ties go to the even mantissa). x >= 2^(emax + 1) stays above max.
+struct AccM {
+    int32_t flo, fhi;  // float32 exponent-field clamp: emin + 127, emax + 128
+    uint32_t cadd;     // ((23 - m) << 23) | 0x400000
+    float fmax;
+};
+
+template <bool HAS_INF>
+static inline vf quant_magic(vf x, const AccM& q) {
+    const vi u = (vi)x;
+    const vi mag = u & 0x7FFFFFFF;
+    vi f = mag >> 23;
+    f = f < q.flo ? q.flo : f;
+    f = f > q.fhi ? q.fhi : f;
+    const vf c = (vf)((f << 23) + (int32_t)q.cadd);
+    vf r = (x + c) - c;
+    r = r > q.fmax ? q.fmax : r;     // NaN compares false: stays NaN
+    r = r < -q.fmax ? -q.fmax : r;
+    if (HAS_INF) r = mag == 0x7F800000 ? x : r;
+    return (vf)(((vi)r) | (u & (int32_t)0x80000000));  // signed zero as quantize (copysign)
+}
+
+static int32_t fmt_emax(const QParams& p) {  // from max: the exponent of the largest finite value
+    int e;
+    std::frexp(p.fmax, &e);
+    return e - 1;
+}
+
+static bool magic_ok(const QParams& p) {
+    const int emax = fmt_emax(p);
+    return p.man_bits >= 1 && p.man_bits <= 21 && emax >= p.emin && emax + 25 - p.man_bits <= 127;
+}
+
+static AccM magic_params(const QParams& p) {
+    AccM a;
+    a.flo = p.emin + 127;
+    a.fhi = std::min(fmt_emax(p) + 128, 254);
+    a.cadd = ((uint32_t)(23 - p.man_bits) << 23) | 0x400000u;
+    a.fmax = p.fmax;
+    return a;
+}
+
+struct AccArgs {
+    int mode;
+    const uint32_t* au; const float* af; const uint8_t* nz;   // [nb][rows_pad][K]
+    const int16_t* afmn; const int16_t* afmx;                 // [nb][rows_pad][nkb]
+    int64_t nb, rows_pad, M, K;
+    const uint32_t* bu; const float* bf;                      // [nb][ns][K][JS]
+    const int16_t* bfmn; const int16_t* bfmx;                 // [nb][nkb][ns]
+    int64_t ns, N;
+    float* C;                                                 // [nb][M][N]
+    int m, off;
+    int64_t block;
+};
+
+static inline void no_fuse(vf& x) { asm("" : "+v"(x)); }  // keeps a multiply out of an FMA
+
+// the products of rows row[0..3] at k with the NA vectors of the sub-tile (fast path)
+template <int MODE>
+static inline void fast_products(const AccArgs& A, const int64_t* row, int64_t kk, const uint32_t* bu,
+                                 const float* bf, vf P[4][NA]) {
+    const int64_t K = A.K;
+    const vf* pf = (const vf*)(bf + kk * JS);
+    if (MODE == 0) {
+        const vu* pu = (const vu*)(bu + kk * JS);
+        const uint8_t n0 = A.nz[row[0] * K + kk], n1 = A.nz[row[1] * K + kk];
+        const uint8_t n2 = A.nz[row[2] * K + kk], n3 = A.nz[row[3] * K + kk];
+        if (n0 & n1 & n2 & n3) {
+            for (int r = 0; r < 4; ++r) {
+                const vu a = (vu){} + A.au[row[r] * K + kk];
+                for (int v = 0; v < NA; ++v) P[r][v] = (vf)(pu[v] + a) * pf[v];
+            }
+        } else {
+            const uint8_t nn[4] = {n0, n1, n2, n3};
+            for (int r = 0; r < 4; ++r) {
+                const vu a = (vu){} + A.au[row[r] * K + kk];
+                for (int v = 0; v < NA; ++v) P[r][v] = nn[r] ? (vf)(pu[v] + a) * pf[v] : (vf){};
+            }
+        }
+    } else if (MODE == 1) {
+        const vi* pu = (const vi*)(bu + kk * JS);
+        for (int r = 0; r < 4; ++r) {
+            const vi l = (vi){} + (int32_t)A.au[row[r] * K + kk];
+            const float ah = A.af[row[r] * K + kk];
+            for (int v = 0; v < NA; ++v) P[r][v] = __builtin_convertvector(pu[v] + l, vf) * (pf[v] * ah);
+        }
+    } else {
+        for (int r = 0; r < 4; ++r) {
+            const float x = A.af[row[r] * K + kk];
+            for (int v = 0; v < NA; ++v) {
+                vf p = pf[v] * x;
+                no_fuse(p);
+                P[r][v] = p;
+            }
+        }
+    }
+}
+
+// exact scalar products (extreme exponents in this k block), zero where a product is zero
+template <int MODE>
+static inline void slow_products(const AccArgs& A, const int64_t* row, int64_t kk, const uint32_t* bu,
+                                 const float* bf, vf P[4][NA]) {
+    const int64_t K = A.K;
+    const uint32_t addc = (uint32_t)A.off << (23 - A.m);
+    const uint32_t* pu = bu + kk * JS;
+    const float* pf = bf + kk * JS;
+    for (int r = 0; r < 4; ++r) {
+        for (int v = 0; v < NA; ++v) P[r][v] = (vf){};
+        if (MODE == 0 && !A.nz[row[r] * K + kk]) continue;
+        const uint32_t au = A.au[row[r] * K + kk];
+        const float ah = MODE == 1 ? A.af[row[r] * K + kk] : 0.0f;
+        if (MODE == 1 && ah == 0.0f) continue;
+        for (int v = 0; v < NA; ++v)
+            for (int l = 0; l < 16; ++l) {
+                const int j = 16 * v + l;
+                if (pf[j] == 0.0f) continue;
+                if (MODE == 0) P[r][v][l] = bit_product_exact(au - addc + (127u << 23), pu[j], A.m, A.off);
+                else P[r][v][l] = (float)((double)(int32_t)(au + pu[j]) * (double)ah * (double)pf[j]);
+            }
+    }
+}
+
+template <bool HAS_INF, bool MAGIC>
+static inline vf quant_acc(vf x, const AccQ& q, const AccM& qm) {
+    return MAGIC ? quant_magic<HAS_INF>(x, qm) : quant_int<HAS_INF>(x, q);
+}
+
+// one tile: rows i0..i0+3 (clamped for loads), columns s*JS + h*16*NA + [0, 16*NA). Block sums
+// S start from +0 (S = +0 + P, so a zero product of either sign adds nothing and S is never -0).
+template <int MODE, bool HAS_INF, bool MAGIC>
+static void acc_tile(const AccArgs& A, const AccQ& q, const AccM& qm, int64_t bt, int64_t i0, int64_t s,
+                     int h, const uint8_t* fastkb) {
+    const int64_t K = A.K, nkb = (K + KB - 1) / KB;
+    const int64_t rp = A.rows_pad;
+    int64_t row[4];
+    for (int r = 0; r < 4; ++r) row[r] = bt * rp + std::min(i0 + r, rp - 1);
+    const uint32_t* bu = A.bu + (bt * A.ns + s) * K * JS + h * 16 * NA;
+    const float* bf = A.bf + (bt * A.ns + s) * K * JS + h * 16 * NA;
+    vf S[4][NA], T[4][NA], P[4][NA];
+    for (int r = 0; r < 4; ++r)
+        for (int v = 0; v < NA; ++v) { S[r][v] = (vf){}; T[r][v] = (vf){}; }
+    if (A.block == 1) {  // T = quantize(T + (+0 + P)) per product
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+            const int64_t k1 = std::min(K, (kb + 1) * KB);
+            const bool fast = MODE == 2 || fastkb[kb];
+            if (fast) {
+                for (int64_t kk = kb * KB; kk < k1; ++kk) {
+                    fast_products<MODE>(A, row, kk, bu, bf, P);
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NA; ++v)
+                            T[r][v] = quant_acc<HAS_INF, MAGIC>(T[r][v] + (P[r][v] + 0.0f), q, qm);
+                }
+            } else {
+                for (int64_t kk = kb * KB; kk < k1; ++kk) {
+                    slow_products<MODE>(A, row, kk, bu, bf, P);
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NA; ++v)
+                            T[r][v] = quant_acc<HAS_INF, MAGIC>(T[r][v] + (P[r][v] + 0.0f), q, qm);
+                }
+            }
+        }
+    } else {
+        int64_t next_b = std::min(K, A.block);  // end of the current accumulation block
+        for (int64_t k = 0; k < K;) {
+            const int64_t kb = k / KB;
+            const int64_t e = std::min(next_b, std::min(K, (kb + 1) * KB));
+            const bool fast = MODE == 2 || fastkb[kb];
+            if (fast) {
+                for (int64_t kk = k; kk < e; ++kk) {
+                    fast_products<MODE>(A, row, kk, bu, bf, P);
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NA; ++v) S[r][v] += P[r][v];
+                }
+            } else {
+                for (int64_t kk = k; kk < e; ++kk) {
+                    slow_products<MODE>(A, row, kk, bu, bf, P);
+                    for (int r = 0; r < 4; ++r)
+                        for (int v = 0; v < NA; ++v) S[r][v] += P[r][v];
+                }
+            }
+            if (e == next_b) {
+                for (int r = 0; r < 4; ++r)
+                    for (int v = 0; v < NA; ++v) {
+                        T[r][v] = quant_acc<HAS_INF, MAGIC>(T[r][v] + S[r][v], q, qm);
+                        S[r][v] = (vf){};
+                    }
+                next_b = std::min(K, next_b + A.block);
+            }
+            k = e;
+        }
+    }
+    const int64_t j0 = s * JS + h * 16 * NA;
+    const int64_t jn = std::min<int64_t>(16 * NA, A.N - j0);
+    for (int r = 0; r < 4 && i0 + r < A.M; ++r) {
+        float* crow = A.C + (bt * A.M + i0 + r) * A.N + j0;
+        float tmp[16 * NA];
+        std::memcpy(tmp, &T[r][0], sizeof(tmp));
+        for (int64_t j = 0; j < jn; ++j) crow[j] = tmp[j];
+    }
+}
+
+template <int MODE, bool HAS_INF, bool MAGIC>
+static void acc_run(const AccArgs& A, const AccQ& q, const AccM& qm, int nt) {
+    const int64_t nkb = (A.K + KB - 1) / KB, nquads = (A.M + 3) / 4;
+    const int64_t nrb = (nquads + RBQ - 1) / RBQ;
+    const int64_t ntask = A.nb * A.ns * HS * nrb;
+    // tasks ordered (batch, strip, half, row block): consecutive tasks share a strip of B
+#pragma omp parallel num_threads(nt)
+    {
+        uint8_t* fastkb = new uint8_t[nkb + 1];
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntask; ++t) {
+            const int64_t rb = t % nrb, h = (t / nrb) % HS, s = (t / (nrb * HS)) % A.ns;
+            const int64_t bt = t / (nrb * HS * A.ns);
+            for (int64_t qd = rb * RBQ; qd < std::min(nquads, (rb + 1) * RBQ); ++qd) {
+                const int64_t i0 = qd * 4;
+                if (MODE != 2) {
+                    for (int64_t kb = 0; kb < nkb; ++kb) {
+                        int alo = 1000, ahi = -1000;
+                        for (int r = 0; r < 4; ++r) {
+                            const int64_t ri = bt * A.rows_pad + std::min(i0 + r, A.rows_pad - 1);
+                            alo = std::min(alo, (int)A.afmn[ri * nkb + kb]);
+                            ahi = std::max(ahi, (int)A.afmx[ri * nkb + kb]);
+                        }
+                        const int blo = A.bfmn[(bt * nkb + kb) * A.ns + s], bhi = A.bfmx[(bt * nkb + kb) * A.ns + s];
+                        // no normal entry on one side (all products zero), or every product normal
+                        fastkb[kb] = (uint8_t)(ahi < 0 || bhi < 0 || ((ahi + bhi - 127 + 2 <= 254) && (alo + blo - 127 >= 1)));
+                    }
+                }
+                acc_tile<MODE, HAS_INF, MAGIC>(A, q, qm, bt, i0, s, (int)h, fastkb);
+            }
+        }
+        delete[] fastkb;
+    }
+}
+
+extern "C" {
+
+// C [nb][M][N] = L-Matmul with reduced-precision accumulation (see above). mode 0 bit: au = ia,
+// nz, rows_pad rows per batch (lmul_prep_bit_a/b); 1 formula: au = L, af = ah, nz unused;
+// 2 exact: af = X (rows_pad = M), au, nz and the exponent ranges unused.
+void lmul_acc_matmul(int mode, const uint32_t* au, const float* af, const uint8_t* nz, const int16_t* afmn,
+                     const int16_t* afmx, int64_t nb, int64_t rows_pad, int64_t M, int64_t K, const uint32_t* bu,
+                     const float* bf, const int16_t* bfmn, const int16_t* bfmx, int64_t ns, int64_t N, float* C,
+                     int m, int off, int64_t block, const QParams* accp, int nt) {
+    const AccArgs A{mode, au, af, nz, afmn, afmx, nb, rows_pad, M, K, bu, bf, bfmn, bfmx, ns, N, C, m, off, block};
+    const AccQ q = acc_params(*accp);
+    const AccM qm = magic_params(*accp);
+    const bool inf = accp->has_inf != 0, magic = magic_ok(*accp);
+#define LMUL_ACC_RUN(MODE) \
+    (inf ? (magic ? acc_run<MODE, true, true>(A, q, qm, nt) : acc_run<MODE, true, false>(A, q, qm, nt)) \
+         : (magic ? acc_run<MODE, false, true>(A, q, qm, nt) : acc_run<MODE, false, false>(A, q, qm, nt)))
+    if (mode == 0) LMUL_ACC_RUN(0);
+    else if (mode == 1) LMUL_ACC_RUN(1);
+    else LMUL_ACC_RUN(2);
+#undef LMUL_ACC_RUN
+}
+
+// the vector accumulator quantizers on n floats (n a multiple of 16), for tests: path 0 integer,
+// 1 magic number (only where magic_ok), -1 the one the kernels use
+int lmul_quantize_acc(const float* x, int64_t n, float* out, const QParams* p, int path) {
+    const AccQ q = acc_params(*p);
+    const AccM qm = magic_params(*p);
+    const bool magic = path == 1 || (path == -1 && magic_ok(*p));
+    if (path == 1 && !magic_ok(*p)) return 0;
+    for (int64_t i = 0; i + 16 <= n; i += 16) {
+        vf v;
+        std::memcpy(&v, x + i, 64);
+        if (p->has_inf) v = magic ? quant_magic<true>(v, qm) : quant_int<true>(v, q);
+        else v = magic ? quant_magic<false>(v, qm) : quant_int<false>(v, q);
+        std::memcpy(out + i, &v, 64);
+    }
+    return 1;
+}
+
+// formula mode with acc, left operand: nb batches of M x K -> L (uint32), ah (float) [nb][M][K],
+// per (row, k block) min/max exponent field of the normal entries, rowflag for inf/NaN rows
+void lmul_prep_acc_formula_a(const float* x, int64_t nb, int64_t M, int64_t K, uint32_t* L, float* ah,
+                             int16_t* fmn, int16_t* fmx, uint8_t* rowflag, const QParams* p, int64_t c23, int nt) {
+    const QParams q = *p;
+    const int m = q.man_bits;
+    const int64_t nkb = (K + KB - 1) / KB;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
+    for (int64_t br = 0; br < nb * M; ++br) {
+        const float* xr = x + br * K;
+        uint32_t* lr = L + br * K;
+        float* hr = ah + br * K;
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+            int lo = 1000, hi = -1000;
+            for (int64_t k = kb * KB; k < std::min(K, (kb + 1) * KB); ++k) {
+                const uint32_t qb = quant_bits(xr[k], q);
+                const bool normal = kind_of(qb, q) == 1;
+                const int f = (int)((qb >> 23) & 0xFF);
+                const uint32_t hb = (f > 23 ? (uint32_t)(f - 23) << 23 : 1u << std::max(f - 1, 0)) | (qb & 0x80000000u);
+                lr[k] = normal ? (1u << 23) + (uint32_t)c23 + ((qb & 0x7FFFFFu) >> (23 - m) << (23 - m)) : 0u;
+                hr[k] = normal ? u2f(hb) : 0.0f;
+                lo = std::min(lo, normal ? f : 1000);
+                hi = std::max(hi, normal ? f : -1000);
+            }
+            fmn[br * nkb + kb] = (int16_t)lo;
+            fmx[br * nkb + kb] = (int16_t)hi;
+        }
+        rowflag[br] = (uint8_t)any_nonfinite(xr, K);
+    }
+}
+
+// formula (mode 1) or exact (mode 2) with acc, right operand: nb batches of K x N -> packed
+// bu, bf [nb][ns][K][JS] (formula: R, hb; exact: bf = Y, inf/NaN and padding 0), per (batch,
+// k block, strip) min/max field of the normal entries, colflag[b * N + j]
+void lmul_prep_acc_b(const float* y, int64_t nb, int64_t K, int64_t N, int mode, uint32_t* bu, float* bf,
+                     int16_t* fmn, int16_t* fmx, uint8_t* colflag, const QParams* p, int nt) {
+    const QParams q = *p;
+    const int m = q.man_bits;
+    const int64_t ns = (N + JS - 1) / JS, nkb = (K + KB - 1) / KB;
+    std::memset(colflag, 0, (size_t)(nb * N));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(3)
+    for (int64_t bt = 0; bt < nb; ++bt) {
+        for (int64_t s = 0; s < ns; ++s) {
+            for (int64_t b = 0; b < nkb; ++b) {
+                int lo = 1000, hi = -1000;
+                for (int64_t k = b * KB; k < std::min(K, (b + 1) * KB); ++k) {
+                    const int64_t o = ((bt * ns + s) * K + k) * JS;
+                    const int64_t jn = std::min<int64_t>(JS, N - s * JS);
+                    const float* yr = y + bt * K * N + k * N + s * JS;
+                    uint8_t bad = 0;
+                    for (int j = 0; j < JS; ++j) {
+                        const uint32_t qb = j < jn ? quant_bits(yr[j < jn ? j : 0], q) : 0u;
+                        const int kd = kind_of(qb, q);
+                        const int f = (int)((qb >> 23) & 0xFF);
+                        bad |= (uint8_t)(kd == 2);
+                        lo = std::min(lo, kd == 1 ? f : 1000);
+                        hi = std::max(hi, kd == 1 ? f : -1000);
+                        if (mode == 1) {
+                            bu[o + j] = kd == 1 ? (qb & 0x7FFFFFu) >> (23 - m) << (23 - m) : 0u;
+                            bf[o + j] = u2f(kd == 1 ? (qb & 0xFF800000u) : 0u);
+                        } else {
+                            bf[o + j] = u2f(kd == 2 ? 0u : qb);
+                        }
+                    }
+                    if (bad)  // rare: mark the columns (benign race: every writer stores 1)
+                        for (int j = 0; j < jn; ++j)
+                            if (kind_of(quant_bits(yr[j], q), q) == 2) colflag[bt * N + s * JS + j] = 1;
+                }
+                fmn[(bt * nkb + b) * ns + s] = (int16_t)lo;
+                fmx[(bt * nkb + b) * ns + s] = (int16_t)hi;
+            }
+        }
+    }
+}
+
+}  // extern "C"

@@ -25,15 +25,20 @@ REFERENCE_CHUNK = 1 << 21  # products materialised at once by the reference L-Ma
 
 
 def accumulate(prods: torch.Tensor, spec: LMulSpec, dim: int) -> torch.Tensor:
-    """Sum ``prods`` (float32) along ``dim`` per ``spec.acc``."""
+    """Sum ``prods`` (float32) along ``dim`` per ``spec.acc`` (docs/semantics.md section 4).
+
+    ``acc=None``: a float64 sum rounded once. Otherwise the defined order: for each block of
+    ``acc_block`` consecutive k (increasing), ``s = +0; s = fl32(s + P_k)`` for k in the block in
+    increasing order, then ``total = quantize(fl32(total + s), acc)`` (rne, saturating), with
+    ``total = +0`` at the start. Vectorised over the other dimensions, a Python loop over k."""
     if spec.acc is None:
         return prods.double().sum(dim).float()
-    # reduced precision: sum blocks of acc_block consecutive k in float32, then add each block
-    # sum to the running sum in increasing k order, rounding the sum to spec.acc each time
     k = prods.shape[dim]
     total = torch.zeros_like(prods.select(dim, 0)) if k else prods.sum(dim)
     for start in range(0, k, spec.acc_block):
-        block = prods.narrow(dim, start, min(spec.acc_block, k - start)).sum(dim)
+        block = torch.zeros_like(total)  # +0: a block sum is never -0 (zero products' signs never matter)
+        for kk in range(start, min(k, start + spec.acc_block)):
+            block += prods.select(dim, kk)
         total = quantize(total + block, spec.acc)
     return total
 
