@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "bad input" (exit 2, one line); anything else is a bug (exit 1)."""
-    errors: list[type[BaseException]] = [CliError, ValueError, OSError, LookupError]
+    errors: list[type[BaseException]] = [CliError, ValueError, OSError]
     for mod, names in (("lmul.eval.assets", ("AssetError",)), ("lmul.eval.store", ("RunBusy",))):
         m = sys.modules.get(mod)
         errors += [getattr(m, n) for n in names if m is not None and hasattr(m, n)]

@@ -289,3 +289,13 @@ def test_offline_before_the_hub_is_imported():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=e, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "OFFLINE True _terminate" in p.stdout
+
+
+def test_busy_out_is_refused(fx, capsys):
+    from lmul.eval import store
+
+    with store.run_lock(fx["out"]):
+        code, err = run_main(["eval", "--model", fx["hfdir"], "--no-fetch", "--out", fx["out"]], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {fx['out']} is in use by another lmul eval (pid {os.getpid()}, since" in err
+    assert "choose another --out" in err

@@ -8,7 +8,8 @@ renamed into place, so a half-finished fetch never looks finished.
 
 At fetch time the size and sha256 of every kept file go into ``.manifest.json`` next to the
 files; before each use :func:`verify` compares the sizes (and the sha256 of files up to
-``HASH_LIMIT`` bytes, which costs well under a second), and a GGUF's header is checked against its
+``HASH_LIMIT`` bytes: every file fetched today; 0.1 s for SmolLM2's 94 MiB, 0.4 s for Gemma's
+231 MiB on a warm page cache), and a GGUF's header is checked against its
 length (:func:`check_gguf`), so a truncated or damaged cache entry gives :class:`AssetCorrupt`
 ("run `lmul fetch --force`") instead of an error deep inside the model loader.
 """
@@ -118,7 +119,7 @@ class FetchError(AssetError):
 
 
 MANIFEST = ".manifest.json"
-HASH_LIMIT = 32 << 20  # files up to this size are sha256-checked before every use; larger ones by size
+HASH_LIMIT = 256 << 20  # files up to this size are sha256-checked before every use; larger ones by size
 
 
 def lmul_home() -> Path:
