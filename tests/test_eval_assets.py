@@ -232,3 +232,15 @@ def test_check_gguf_against_the_tensor_data(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(ValueError, match="no GGUF magic"):
         assets.check_gguf(tmp_path / "x.gguf")
+
+
+def test_status_of_a_copy_fetched_before_manifests(tmp_path):
+    a, _, home = _fetched(tmp_path)
+    d = home / "fake-pkg-1.0"
+    (d / ".manifest.json").unlink()
+    assert assets.fetch_status(a, home) == "unverified"
+    g = _gguf(d / "pkg" / "m.gguf")
+    assert assets.fetch_status(a, home) == "unverified"
+    g.write_bytes(g.read_bytes()[:-40])
+    assert assets.fetch_status(a, home).startswith("damaged: ") and "m.gguf is truncated" in \
+        assets.fetch_status(a, home)

@@ -318,13 +318,11 @@ def fetch_status(asset: Asset, home: Path | None = None) -> str:
     before manifests were recorded) or ``"damaged: <why>"``."""
     if not is_fetched(asset, home):
         return "absent"
-    if not (asset_dir(asset, home) / MANIFEST).is_file():
-        return "unverified"
     try:
-        check(asset, home, full=True)
+        check(asset, home, full=True)  # without a manifest: only the GGUF header checks
     except AssetCorrupt as e:
         return f"damaged: {e}"
-    return "intact"
+    return "intact" if (asset_dir(asset, home) / MANIFEST).is_file() else "unverified"
 
 
 def fetch(asset: Asset, home: Path | None = None, force: bool = False, quiet: bool = False) -> Path:
