@@ -152,7 +152,8 @@ def register(sub) -> None:
     p.add_argument("--div-limit", type=int_arg(0), default=None, help="items per task in the divergence pass "
                    "(default: same as --limit; 0 skips it)")
     p.add_argument("--no-divergence", action="store_true", help="skip the KL / top-1 / bpb pass")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=1234,
+                   help="seed of lm-eval's sampling (python, numpy, torch, few-shot)")
     p.add_argument("--batch-size", type=int_arg(1), default=16, help="sequences per forward pass (>= 1)")
     p.add_argument("--max-length", type=int_arg(1), default=2048, help="max tokens per sequence (>= 1)")
     p.add_argument("--device", type=device_arg, default="cpu", help="torch device: cpu, cuda, cuda:N (checked "

@@ -122,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="simulate with Icarus Verilog against the oracle: every pair for <= 8-bit formats, "
                         "else --n random pairs")
     p.add_argument("--n", type=int_arg(1), default=1_000_000, help="random pairs for --verify of wider formats")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random pairs")
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0, help="seed of the random pairs")
     p.add_argument("--mac", action="store_true",
                    help="the MAC lane around the unit (out = acc + product in float32) for --out/--verify/--synth")
     p.add_argument("--synth", action="store_true", help="synthesise with Yosys and print gate counts")
