@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 import torch
 
 import lmul
+from lmul import kernels
 from lmul.config import LMulConfig
-from lmul.matmul import BACKENDS, MatmulSpec, resolve_backend
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -115,8 +115,7 @@ def main(argv=None) -> None:
     print(f"exact forward: {t_exact:.3f} s median of {runs} ({args.layers} layers, {args.seq} tokens, "
           f"{torch.get_num_threads()} threads)")
     for arm, cfg in configs.items():
-        spec = MatmulSpec(lmul.Format.parse(cfg.fmt), cfg.mode, 0.0, cfg.rounding, None, 1)
-        backend = resolve_backend(torch.zeros(1, 1, 1), spec, cfg.backend)
+        backend = kernels.select("matmul", torch.zeros(1, 1), cfg.spec).name
         t_arm = statistics.median(times[arm])
         pairs = [a / e for a, e in zip(times[arm], times["exact"], strict=True)]  # same repetition
         row = dict(config=cfg.tag, config_fields=dataclasses.asdict(cfg), backend=backend, measured_s=t_arm,
@@ -131,7 +130,7 @@ def main(argv=None) -> None:
                        extrapolation="linear in L-Mul products: all blocks (+ lm_head for scope all)")
         results["arms"][arm] = row
         print(json.dumps(row))
-    results["backends_registered"] = sorted(BACKENDS)
+    results["backends_registered"] = sorted({b.name for b in kernels.BACKENDS if b.op == "matmul"})
     if args.out:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)) or ".", suffix=".tmp")
         with os.fdopen(fd, "w") as f:

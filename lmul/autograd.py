@@ -18,60 +18,46 @@ The backward pass costs two ordinary float32 matmuls (``torch.matmul``), whateve
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Optional
 
 import torch
 
 from lmul.formats import quantize
+from lmul.spec import LMulSpec
 
-__all__ = ["LMatmulFunction", "LMulFunction"]
-
-
-def _q(x: torch.Tensor, fmt: Any, rounding: str) -> torch.Tensor:
-    return quantize(x.detach(), fmt, rounding)
+__all__ = ["matmul_grads", "mul_grads"]
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward shared by both: the value is ``forward_fn(a, b)``; the operands and the operand format
-    are kept for the subclass's backward."""
-
-    @staticmethod
-    def forward(ctx, a, b, forward_fn, fmt, rounding):  # noqa: D102
-        ctx.save_for_backward(a, b)
-        ctx.fmt, ctx.rounding = fmt, rounding
-        return forward_fn(a.detach(), b.detach())
+def _q(x: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
+    return quantize(x.detach(), spec.fmt, spec.rounding)
 
 
-class LMatmulFunction(_StraightThrough):
-    """``apply(a, b, forward_fn, fmt, rounding)``: value ``forward_fn(a, b)``, straight-through grads."""
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        a, b = ctx.saved_tensors
-        aq, bq = _q(a, ctx.fmt, ctx.rounding), _q(b, ctx.fmt, ctx.rounding)
-        a2 = aq.unsqueeze(0) if a.dim() == 1 else aq     # [..., M, K]
-        b2 = bq.unsqueeze(-1) if b.dim() == 1 else bq    # [..., K, N]
-        g = grad.float()
-        if a.dim() == 1:
-            g = g.unsqueeze(-2)
-        if b.dim() == 1:
-            g = g.unsqueeze(-1)                           # [..., M, N]
-        ga = gb = None
-        if ctx.needs_input_grad[0]:
-            ga = torch.matmul(g, b2.transpose(-1, -2)).sum_to_size(a2.shape).reshape(a.shape).to(a.dtype)
-        if ctx.needs_input_grad[1]:
-            gb = torch.matmul(a2.transpose(-1, -2), g).sum_to_size(b2.shape).reshape(b.shape).to(b.dtype)
-        return ga, gb, None, None, None
+def matmul_grads(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec,
+                 needs: tuple[bool, bool]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dA, dB)`` of ``C = L-Matmul(A, B)`` (torch.matmul shapes): ``dC @ B_q^T`` and ``A_q^T @ dC``,
+    reduced over broadcast batch dimensions, in the operands' dtypes (None where not needed)."""
+    aq, bq = _q(a, spec), _q(b, spec)
+    a2 = aq.unsqueeze(0) if a.dim() == 1 else aq     # [..., M, K]
+    b2 = bq.unsqueeze(-1) if b.dim() == 1 else bq    # [..., K, N]
+    g = grad.float()
+    if a.dim() == 1:
+        g = g.unsqueeze(-2)
+    if b.dim() == 1:
+        g = g.unsqueeze(-1)                           # [..., M, N]
+    ga = gb = None
+    if needs[0]:
+        ga = torch.matmul(g, b2.transpose(-1, -2)).sum_to_size(a2.shape).reshape(a.shape).to(a.dtype)
+    if needs[1]:
+        gb = torch.matmul(a2.transpose(-1, -2), g).sum_to_size(b2.shape).reshape(b.shape).to(b.dtype)
+    return ga, gb
 
 
-class LMulFunction(_StraightThrough):
-    """``apply(x, y, forward_fn, fmt, rounding)``: value ``forward_fn(x, y)``, straight-through grads."""
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        x, y = ctx.saved_tensors
-        xq, yq = _q(x, ctx.fmt, ctx.rounding), _q(y, ctx.fmt, ctx.rounding)
-        g = grad.float()
-        gx = (g * yq).sum_to_size(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        gy = (g * xq).sum_to_size(y.shape).to(y.dtype) if ctx.needs_input_grad[1] else None
-        return gx, gy, None, None, None
+def mul_grads(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, spec: LMulSpec,
+              needs: tuple[bool, bool]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dx, dy)`` of ``P = mul(x, y)`` (broadcasting): ``dP * y_q`` and ``dP * x_q``, summed to the
+    operands' shapes, in their dtypes (None where not needed)."""
+    xq, yq = _q(x, spec), _q(y, spec)
+    g = grad.float()
+    gx = (g * yq).sum_to_size(x.shape).to(x.dtype) if needs[0] else None
+    gy = (g * xq).sum_to_size(y.shape).to(y.dtype) if needs[1] else None
+    return gx, gy

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,21 +23,22 @@ from typing import Optional
 
 import torch
 
-from lmul.formats import Format
-from lmul.matmul import BACKENDS, MatmulSpec, matmul, resolve_backend
-from lmul.ops import mul, resolve_offset
+from lmul import kernels
+from lmul.elementwise import mul
+from lmul.files import replace_section
+from lmul.matmul import matmul
+from lmul.spec import LMulSpec
 
 __all__ = ["Case", "TARGETS", "run", "register"]
 
-# (mode, format) classes of the issue's target table: CPU ratio targets vs torch fp32 matmul
+# spec names (lmul.spec) of the issue's target table: CPU ratio targets vs torch fp32 matmul
 TARGETS = {
-    ("formula", "bf16"): 2.5, ("formula", "e4m3"): 2.5,
-    ("bit", "e4m3"): 12.0, ("bit", "e8m3"): 12.0,
-    ("bit", "bf16"): 6.0, ("bit", "fp16"): 6.0, ("bit", "fp32"): 6.0,
-    ("exact", "bf16"): None,
+    "bf16-formula": 2.5, "e4m3-formula": 2.5,
+    "e4m3-bit": 12.0, "e8m3-bit": 12.0,
+    "bf16-bit": 6.0, "fp16-bit": 6.0, "fp32-bit": 6.0,
+    "bf16-exact": None,
 }
 NAIVE_TARGET = 100.0
-MARK = "<!-- lmul-bench:{key}:{end} -->"  # one marked section per --section key
 
 
 @dataclass(frozen=True)
@@ -128,27 +128,28 @@ def best_times(fns: list[Callable[[], object]], device: str, reps: int, min_time
     return best
 
 
-def run(configs: list[tuple[str, str]], backends: list[str], case_list: list[Case], device: str = "cpu",
+def run(configs: list[LMulSpec], backends: list[str], case_list: list[Case], device: str = "cpu",
         reps: int = 3, min_time: float = 0.0, naive_size: int = 128,
         progress: Callable[[str], None] = print) -> list[dict]:
-    """Time every (mode, format) x backend x case; return result rows (dicts)."""
+    """Time every spec x backend x case; return result rows (dicts)."""
     rows = []
     for case in case_list:
         a, b = case.operands(device)
-        for mode, fmt in configs:
-            spec = MatmulSpec(Format.parse(fmt), mode, resolve_offset(fmt, mode), "rne", None, 1)
+        for spec in configs:
+            mode, fmt = spec.mode, spec.fmt.name
             for backend in backends:
-                a3 = a if a.dim() == 3 else a[None]
-                name = resolve_backend(a3, spec, "auto") if backend == "auto" else backend
-                why = BACKENDS[name][1](a3, spec) if name in BACKENDS else f"unknown backend {name}"
-                if why:
-                    progress(f"skip {case.name} {mode} {fmt} {backend}: {why}")
+                try:
+                    entry = kernels.select("matmul", a, spec.replace(backend=backend))
+                except (RuntimeError, ValueError) as err:
+                    progress(f"skip {case.name} {spec.name} {backend}: {err}")
                     continue
-                ours = lambda a=a, b=b, fmt=fmt, mode=mode, name=name: matmul(a, b, fmt, mode, backend=name)
+                name = entry.name
+                run_spec = spec.replace(backend=name)
+                ours = lambda a=a, b=b, run_spec=run_spec: matmul(a, b, spec=run_spec)
                 native = lambda a=a, b=b: torch.matmul(a, b)
                 t_ours, t_nat = best_times([ours, native], device, reps, min_time)
                 mem = peak_extra_mib(ours, device)
-                target = TARGETS.get((mode, fmt)) if device == "cpu" else None
+                target = TARGETS.get(spec.name) if device == "cpu" else None
                 row = {"case": case.name, "mode": mode, "format": fmt, "backend": backend if backend != "auto"
                        else f"auto->{name}", "time_ms": t_ours * 1e3, "native_ms": t_nat * 1e3,
                        "ratio": t_ours / t_nat, "tflops": case.flops / t_ours / 1e12, "mem_mib": mem,
@@ -165,14 +166,14 @@ def _naive_rows(configs, size: int, device: str, progress) -> list[dict]:
     """The naive broadcast emulation vs the auto backend at ``size``^3."""
     a, b = Case("", 0, size, size, size).operands(device)
     rows = []
-    for mode, fmt in configs:
-        naive = lambda fmt=fmt, mode=mode: mul(a[:, :, None], b[None, :, :], fmt, mode).sum(-2)
-        ours = lambda fmt=fmt, mode=mode: matmul(a, b, fmt, mode)
+    for spec in configs:
+        mode, fmt = spec.mode, spec.fmt.name
+        naive = lambda spec=spec: mul(a[:, :, None], b[None, :, :], spec=spec).sum(-2)
+        ours = lambda spec=spec: matmul(a, b, spec=spec)
         t_naive = best_times([naive], device, 2, 0.0)[0]
         t_ours = best_times([ours], device, 10, 1.0)[0]
-        spec = MatmulSpec(Format.parse(fmt), mode, resolve_offset(fmt, mode), "rne", None, 1)
         row = {"case": f"naive broadcast {size}^3", "mode": mode, "format": fmt,
-               "backend": f"auto->{resolve_backend(a[None], spec, 'auto')}", "time_ms": t_ours * 1e3,
+               "backend": f"auto->{kernels.select('matmul', a, spec).name}", "time_ms": t_ours * 1e3,
                "native_ms": t_naive * 1e3, "ratio": t_naive / t_ours, "tflops": 2 * size**3 / t_ours / 1e12,
                "mem_mib": None, "operands_mib": None, "naive": True,
                "target": NAIVE_TARGET if mode != "exact" else None}  # the target is for L-Mul modes
@@ -226,27 +227,15 @@ def machine_line(device: str) -> str:
 
 def write_results(rows: list[dict], path: Path, command: str, device: str, key: str = "main") -> None:
     """Replace the section marked ``key`` of ``path`` (created if absent) atomically."""
-    start, end = MARK.format(key=key, end="start"), MARK.format(key=key, end="end")
     body = "\n".join([
-        start,
         f"Machine: {machine_line(device)}. Command: `{command}`.",
         "Ratio = lmul.matmul time (whole call: quantize, prepare, multiply, fix-up) / torch.matmul fp32 time, "
         "best of interleaved repeats in the same run; naive rows: naive time / lmul time.",
         "",
         HEADER,
         *[_format_row(r) for r in rows],
-        end,
     ])
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if start in old and end in old:
-        new = old[: old.index(start)] + body + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + f"\n\n### L-Matmul kernels: `{key}`\n\n" + body + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
+    replace_section(path, key, f"L-Matmul kernels: `{key}`", body)
 
 
 def _ints(text: str) -> list[int]:
@@ -267,30 +256,23 @@ def _int_list(flag: str, lo: int = 1) -> Callable[[str], str]:
 
 
 def _configs_arg(text: str) -> str:
-    """argparse type: ``mode:format`` pairs, mode one of lmul's modes, format one lmul.Format.parse takes."""
-    from lmul.ops import MODES
-
-    pairs = [c for c in text.split(",") if c]
-    if not pairs:
-        raise argparse.ArgumentTypeError(f"takes mode:format pairs, e.g. bit:e4m3,formula:bf16; got {text!r}")
-    for c in pairs:
-        mode, sep, fmt = c.partition(":")
-        if not sep or mode not in MODES:
-            raise argparse.ArgumentTypeError(f"{c!r} is not mode:format with mode one of {', '.join(MODES)} "
-                                             f"(e.g. bit:e4m3)")
+    """argparse type: comma-separated names :meth:`lmul.spec.LMulSpec.from_name` takes."""
+    names = [c for c in text.split(",") if c]
+    if not names:
+        raise argparse.ArgumentTypeError(f"takes spec or preset names, e.g. bf16-bit,e4m3-formula; got {text!r}")
+    for c in names:
         try:
-            Format.parse(fmt)
+            LMulSpec.from_name(c)
         except (ValueError, TypeError) as e:
             raise argparse.ArgumentTypeError(f"{c!r}: {e}") from None
     return text
 
 
 def _backends_arg(text: str) -> str:
-    """argparse type: 'auto' and/or registered backend names (availability is checked per case)."""
-    import lmul  # noqa: F401  (registers the kernel backends)
-
+    """argparse type: 'auto' and/or matmul backend names of :data:`lmul.kernels.BACKENDS`
+    (whether one can run a case is checked per case, which is skipped with the reason)."""
     names = [b for b in text.split(",") if b]
-    valid = ["auto", *BACKENDS]
+    valid = ["auto", *dict.fromkeys(b.name for b in kernels.BACKENDS if b.op == "matmul")]
     bad = [b for b in names if b not in valid]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown backend(s) {bad or [text]}; valid: {', '.join(valid)}")
@@ -306,10 +288,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqs", type=_int_list("--seqs"), default="512,1024", help="attention sequence lengths")
     p.add_argument("--head-dims", type=_int_list("--head-dims"), default="64,128", help="attention head dims")
     p.add_argument("--heads", type=int_arg(1), default=8, help="batch*heads of the attention cases")
-    p.add_argument("--configs", type=_configs_arg, default=",".join(f"{m}:{f}" for m, f in TARGETS),
-                   help="mode:format pairs, comma separated")
+    p.add_argument("--configs", type=_configs_arg, default=",".join(TARGETS),
+                   help="spec or preset names (lmul.LMulSpec.from_name: bf16-bit, e4m3-formula, lmul-k3, ...), "
+                        "comma separated")
     p.add_argument("--backends", type=_backends_arg, default="auto",
-                   help="'auto' and/or backend names (reference, cpu, decompose, triton), comma separated")
+                   help="'auto' and/or matmul backend names (reference, cpu, decompose, triton), comma separated")
     p.add_argument("--reps", type=int_arg(1), default=3, help="interleaved repeats (best time kept)")
     p.add_argument("--min-time", type=float_arg(0.0), default=1.0,
                    help="keep repeating (up to 4x reps) until this many seconds per case have passed")
@@ -340,7 +323,7 @@ def main(args: argparse.Namespace) -> int:
         _check_out(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs = [tuple(c.split(":")) for c in args.configs.split(",") if c]
+    configs = [LMulSpec.from_name(c) for c in args.configs.split(",") if c]
     case_list = cases(_ints(args.sizes), _ints(args.seqs), _ints(args.head_dims), args.heads)
     print(f"# {machine_line(args.device)}\n{HEADER}")
     rows = run(configs, [b for b in args.backends.split(",") if b], case_list, args.device, args.reps,

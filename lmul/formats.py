@@ -19,13 +19,7 @@ from typing import Literal, Union
 
 import torch
 
-__all__ = ["Format", "FormatLike", "E4M3", "E5M2", "BF16", "FP16", "FP32", "quantize", "QUANTIZERS"]
-
-# Fused quantizers for large inputs (the compiled CPU one registers itself from lmul.kernels.cpu_ext):
-# fn(x, fmt, rounding) -> the bits of the torch implementation below (saturating overflow), or None
-# where it does not apply. Tried only for saturating, non-grad inputs of at least QUANTIZER_MIN_NUMEL.
-QUANTIZERS: dict = {}
-QUANTIZER_MIN_NUMEL = 1 << 16
+__all__ = ["Format", "FormatLike", "E4M3", "E5M2", "BF16", "FP16", "FP32", "quantize", "check_float", "check_devices"]
 
 Rounding = Literal["rne", "trunc"]
 Overflow = Literal["saturate", "ieee"]
@@ -51,10 +45,12 @@ class Format:
     finite_only: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.exp_bits, int) or not 1 <= self.exp_bits <= 8:
-            raise ValueError(f"exp_bits must be an int in 1..8, got {self.exp_bits!r}")
-        if not isinstance(self.man_bits, int) or not 0 <= self.man_bits <= 23:
-            raise ValueError(f"man_bits must be an int in 0..23, got {self.man_bits!r}")
+        if isinstance(self.exp_bits, bool) or not isinstance(self.exp_bits, int) or not 1 <= self.exp_bits <= 8:
+            raise ValueError(f"exp_bits must be an int in 1..8, got exp_bits={self.exp_bits!r}")
+        if isinstance(self.man_bits, bool) or not isinstance(self.man_bits, int) or not 0 <= self.man_bits <= 23:
+            raise ValueError(f"man_bits must be an int in 0..23, got man_bits={self.man_bits!r}")
+        if not isinstance(self.finite_only, bool):
+            raise ValueError(f"finite_only must be a bool, got finite_only={self.finite_only!r}")
         if self.finite_only and self.man_bits == 0:
             raise ValueError("a finite_only format needs man_bits >= 1 (its NaN is S.1..1.1..1)")
 
@@ -172,6 +168,17 @@ def check_float(x: torch.Tensor, what: str = "input") -> torch.Tensor:
     return x
 
 
+def check_devices(what: str, *tensors: torch.Tensor) -> None:
+    """Operands must share one real device (``meta`` tensors have no values to multiply)."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{what}: operands are on different devices: {', '.join(sorted(map(str, devices)))}")
+    device = next(iter(devices))
+    if device.type == "meta":
+        raise ValueError(f"{what}: operands are on the 'meta' device, which holds no values "
+                         "(use torch.compile / FakeTensorMode for shape-only tracing)")
+
+
 def pow2(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Exact ``2^exponent`` built from bits (normal range of ``dtype``; float32 also covers
     its subnormals down to 2^-149)."""
@@ -203,19 +210,16 @@ def quantize(
 
     ``rne`` + ``ieee`` equals ``x.to(bfloat16 | float16 | float8_e5m2)``; ``rne`` + ``saturate``
     equals ``x.to(float8_e4m3fn)``. Float64 inputs are rounded once, directly.
+
+    This is the torch implementation (every device and option, the oracle of the compiled quantizer);
+    :func:`lmul.quantize` is the same function on the fastest backend (``lmul.backends()``).
     """
     fmt = Format.parse(fmt)
     check_float(x)
-    if rounding not in ("rne", "trunc"):
-        raise ValueError(f"rounding must be 'rne' or 'trunc', got {rounding!r}")
-    if overflow not in ("saturate", "ieee"):
-        raise ValueError(f"overflow must be 'saturate' or 'ieee', got {overflow!r}")
-    if (QUANTIZERS and overflow == "saturate" and x.numel() >= QUANTIZER_MIN_NUMEL
-            and not (x.requires_grad and torch.is_grad_enabled())):
-        for fn in QUANTIZERS.values():
-            out = fn(x, fmt, rounding)
-            if out is not None:
-                return out
+    if not isinstance(rounding, str) or rounding not in ("rne", "trunc"):
+        raise ValueError(f"rounding must be 'rne' or 'trunc', got rounding={rounding!r}")
+    if not isinstance(overflow, str) or overflow not in ("saturate", "ieee"):
+        raise ValueError(f"overflow must be 'saturate' or 'ieee', got overflow={overflow!r}")
     return _quantize_torch(x, fmt, rounding, overflow)
 
 

@@ -1,164 +1,187 @@
 """L-Matmul: ``C[..., i, j] = sum_k P(a[..., i, k], b[..., k, j])`` with ``P`` the L-Mul product.
 
 Shapes and batch broadcasting follow :func:`torch.matmul` (1-D operands are promoted and the
-added dimension removed). Products are the elementwise :func:`lmul.ops.mul` products, bit for
-bit; only the float32 summation order is unspecified. See ``docs/semantics.md`` section 4.
+added dimension removed). Products are the elementwise :func:`lmul.mul` products, bit for bit;
+only the float32 summation order is unspecified. See ``docs/semantics.md`` section 4.
 
-Backends register themselves in :data:`BACKENDS`; ``backend="auto"`` picks one per call. This
-module provides ``"reference"``: exact products, accumulated in float64 and rounded once to
-float32 (``acc="fp32"``), computed in chunks so that the product workspace never exceeds
-``REFERENCE_CHUNK`` elements (about 40 bytes each at peak), plus the operands broadcast to the
-batch shape.
+:func:`matmul` validates its arguments into an :class:`~lmul.spec.LMulSpec`, then runs the
+``torch.library`` custom op ``lmul::matmul`` (one opaque op for ``torch.compile`` / ``torch.export``,
+with a fake implementation for shapes and the straight-through gradient of :mod:`lmul.autograd`).
+The op picks a backend from :data:`lmul.kernels.BACKENDS` and feeds it pieces of bounded size:
+
+* a batch broadcast against an unbatched operand is folded into M (``[..., M, K] @ [K, N]``) or N
+  (``[M, K] @ [..., K, N]``), as torch does; other broadcast batches are gathered a chunk at a time
+  (never materialised whole);
+* each backend call sees at most :data:`MATMUL_CHUNK` elements of each operand and of its result,
+  splitting rows, columns and, for float32 accumulation, ``k`` (partial sums added in float32).
+
+So the extra memory of a call is a constant (backend workspace for ``MATMUL_CHUNK``-sized pieces,
+``docs/kernels.md``) plus at most one copy of the inputs and of the output.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Union
 
 import torch
 
-from lmul.autograd import LMatmulFunction  # straight-through gradient, docs/kernels.md
-from lmul.formats import Format, FormatLike, Rounding, check_float, quantize
-from lmul.ops import Mode, products, resolve_offset
+from lmul import autograd, kernels
+from lmul.formats import Format, FormatLike, Rounding, check_devices, check_float
+from lmul.kernels.common import overflow_risk
+from lmul.kernels.reference import reference_matmul
+from lmul.spec import LMulSpec, Mode, resolve_spec
 
-__all__ = ["matmul", "MatmulSpec", "BACKENDS", "REFERENCE_CHUNK", "register_backend"]
+__all__ = ["matmul", "MATMUL_CHUNK"]
 
-REFERENCE_CHUNK = 1 << 22  # products materialised at once by the reference backend
-
-
-@dataclass(frozen=True)
-class MatmulSpec:
-    """Everything a backend needs besides the operands (already validated and resolved)."""
-
-    fmt: Format
-    mode: str
-    offset: float                 # the resolved c
-    rounding: str
-    acc: Optional[Format]         # None: float32 accumulation; else round the running sum
-    acc_block: int                # products summed in float32 per accumulator rounding
+MATMUL_CHUNK = 1 << 22  # elements of each operand piece (and of its result) one backend call sees at most
 
 
-Backend = Callable[[torch.Tensor, torch.Tensor, MatmulSpec], torch.Tensor]
-# name -> (function on broadcast 3-D operands [B, M, K] x [B, K, N], availability check)
-BACKENDS: dict[str, tuple[Backend, Callable[[torch.Tensor, MatmulSpec], Optional[str]]]] = {}
-
-
-def register_backend(
-    name: str, fn: Backend, unavailable: Callable[[torch.Tensor, MatmulSpec], Optional[str]]
-) -> None:
-    """Register a backend. ``unavailable(a, spec)`` returns why it cannot run, or None."""
-    BACKENDS[name] = (fn, unavailable)
-
-
-def _accumulate(prods: torch.Tensor, spec: MatmulSpec, dim: int) -> torch.Tensor:
-    """Sum ``prods`` (float32) along ``dim`` per ``spec.acc``."""
-    if spec.acc is None:
-        return prods.double().sum(dim).float()
-    # reduced precision: sum blocks of acc_block consecutive k in float32, then add each block
-    # sum to the running sum in increasing k order, rounding the sum to spec.acc each time
-    k = prods.shape[dim]
-    total = torch.zeros_like(prods.select(dim, 0)) if k else prods.sum(dim)
-    for start in range(0, k, spec.acc_block):
-        block = prods.narrow(dim, start, min(spec.acc_block, k - start)).sum(dim)
-        total = quantize(total + block, spec.acc)
-    return total
-
-
-def _reference(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torch.Tensor:
-    """[B, M, K] x [B, K, N] -> [B, M, N], chunked over batch, rows and k."""
-    bsz, m, k = a.shape
-    n = b.shape[-1]
-    aq = quantize(a, spec.fmt, spec.rounding)
-    bq = quantize(b, spec.fmt, spec.rounding)
-    out = torch.zeros(bsz, m, n, dtype=torch.float32, device=a.device)
-    if 0 in (bsz, m, n, k):
-        return out
-    # k is chunked only for float32 accumulation (reduced precision needs the whole k in order)
-    k_step = k if spec.acc is not None else max(1, min(k, REFERENCE_CHUNK // n))
-    rows = max(1, REFERENCE_CHUNK // (n * k_step))
-    acc64 = torch.zeros(bsz, m, n, dtype=torch.float64, device=a.device) if spec.acc is None else None
-    for bi in range(bsz):
-        for r0 in range(0, m, rows):
-            r1 = min(m, r0 + rows)
-            for k0 in range(0, k, k_step):
-                k1 = min(k, k0 + k_step)
-                p = products(
-                    aq[bi, r0:r1, k0:k1, None], bq[bi, None, k0:k1, :], spec.fmt, spec.mode, spec.offset
-                )  # [rows, k_step, N]
-                if acc64 is not None:
-                    acc64[bi, r0:r1] += p.double().sum(1)
-                else:
-                    out[bi, r0:r1] = _accumulate(p, spec, 1)
-    return acc64.float() if acc64 is not None else out
-
-
-register_backend("reference", _reference, lambda a, spec: None)
-
-
-def _broadcast(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple, Callable]:
-    """torch.matmul shape rules: return [B, M, K], [B, K, N] and how to shape the result."""
-    if a.dim() == 0 or b.dim() == 0:
-        raise ValueError(f"matmul needs operands with at least 1 dimension, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a2 = a.unsqueeze(0) if a.dim() == 1 else a
-    b2 = b.unsqueeze(-1) if b.dim() == 1 else b
-    if a2.shape[-1] != b2.shape[-2]:
+def _shapes(a_shape: torch.Size, b_shape: torch.Size) -> tuple[tuple, int, int, int]:
+    """torch.matmul shape rules: (batch, M, K, N), or ValueError naming both shapes."""
+    if len(a_shape) == 0 or len(b_shape) == 0:
+        raise ValueError(f"matmul needs operands with at least 1 dimension, got {tuple(a_shape)} and {tuple(b_shape)}")
+    a2 = (1, *a_shape) if len(a_shape) == 1 else tuple(a_shape)
+    b2 = (*b_shape, 1) if len(b_shape) == 1 else tuple(b_shape)
+    if a2[-1] != b2[-2]:
         raise ValueError(
-            f"matmul shapes {tuple(a.shape)} and {tuple(b.shape)} do not match: "
-            f"a's last dim {a2.shape[-1]} != b's {'only' if b.dim() == 1 else 'second-to-last'} dim {b2.shape[-2]}"
+            f"matmul shapes {tuple(a_shape)} and {tuple(b_shape)} do not match: a's last dim {a2[-1]} != "
+            f"b's {'only' if len(b_shape) == 1 else 'second-to-last'} dim {b2[-2]}"
         )
     try:
-        batch = torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+        batch = tuple(torch.broadcast_shapes(a2[:-2], b2[:-2]))
     except RuntimeError as err:
-        raise ValueError(f"batch dims of {tuple(a.shape)} and {tuple(b.shape)} do not broadcast") from err
-    m, k = a2.shape[-2:]
-    n = b2.shape[-1]
-    nb = math.prod(batch)  # not -1: reshape cannot infer it when a dimension is 0
-    a3 = a2.expand(*batch, m, k).reshape(nb, m, k)
-    b3 = b2.expand(*batch, k, n).reshape(nb, k, n)
-
-    def shape_out(c: torch.Tensor) -> torch.Tensor:
-        c = c.reshape(*batch, m, n)
-        if a.dim() == 1:
-            c = c.squeeze(-2)
-        if b.dim() == 1:
-            c = c.squeeze(-1)
-        return c
-
-    return a3, b3, batch, shape_out
+        raise ValueError(f"batch dims of {tuple(a_shape)} and {tuple(b_shape)} do not broadcast") from err
+    return batch, a2[-2], a2[-1], b2[-1]
 
 
-def resolve_backend(a: torch.Tensor, spec: MatmulSpec, backend: str) -> str:
-    """The backend that runs: ``backend`` itself (error if unavailable) or, for ``"auto"``, the
-    first available registered backend in :data:`AUTO_ORDER`."""
-    if backend != "auto":
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; registered: {sorted(BACKENDS)}")
-        why = BACKENDS[backend][1](a, spec)
-        if why:
-            raise RuntimeError(f"backend {backend!r} cannot run this matmul: {why}")
-        return backend
-    for name in AUTO_ORDER:
-        if name in BACKENDS and not BACKENDS[name][1](a, spec):
-            return name
-    return "reference"
+def _out_shape(a_shape: torch.Size, b_shape: torch.Size) -> tuple:
+    batch, m, _, n = _shapes(a_shape, b_shape)
+    return batch + ((m,) if len(a_shape) > 1 else ()) + ((n,) if len(b_shape) > 1 else ())
 
 
-AUTO_ORDER: list[str] = ["reference"]
+def _gather(x: torch.Tensor, batch: tuple, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of the flattened broadcast batch of ``x`` [..., r, c]: [len(idx), r, c] (a copy
+    of just those)."""
+    lead = x.shape[:-2]
+    xs = x.reshape((1,) * (len(batch) - len(lead)) + tuple(lead) + tuple(x.shape[-2:]))
+    multi = torch.unravel_index(idx, batch)
+    index = tuple(mi if xs.shape[d] != 1 else torch.zeros_like(mi) for d, mi in enumerate(multi))
+    return xs[index]
+
+
+def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
+    """[B, M, K] x [B, K, N] through ``entry`` in pieces of at most MATMUL_CHUNK elements."""
+    bsz, m, k = a.shape
+    n = b.shape[-1]
+    if k == 0:
+        return torch.zeros(bsz, m, n, dtype=torch.float32, device=a.device)
+    # k per piece when K alone is too long (64: the widest column padding of a backend)
+    kk = max(1, MATMUL_CHUNK >> 6) if spec.acc is None and k * min(n, 64) > MATMUL_CHUNK else k
+    rm = min(m, max(1, MATMUL_CHUNK // kk))
+    cn = min(n, max(1, MATMUL_CHUNK // kk), max(1, MATMUL_CHUNK // rm))
+    whole = (rm, cn, kk) == (m, n, k)
+    bs = min(bsz, max(1, MATMUL_CHUNK // max(m * k, k * n, m * n))) if whole else 1
+    if whole and bs == bsz:
+        return entry.fn(a, b, spec)
+    out = torch.empty(bsz, m, n, dtype=torch.float32, device=a.device)
+    for b0 in range(0, bsz, bs):
+        b1 = min(bsz, b0 + bs)
+        for r0 in range(0, m, rm):
+            r1 = min(m, r0 + rm)
+            for c0 in range(0, n, cn):
+                c1 = min(n, c0 + cn)
+                ap, bp = a[b0:b1, r0:r1], b[b0:b1, :, c0:c1]
+                if kk == k:
+                    out[b0:b1, r0:r1, c0:c1] = entry.fn(ap, bp, spec)
+                    continue
+                block = out[b0:b1, r0:r1, c0:c1]
+                block.zero_()
+                for k0 in range(0, k, kk):
+                    block += entry.fn(ap[..., k0:k0 + kk], bp[:, k0:k0 + kk], spec)
+                if entry.name != "reference":  # partial sums can overflow where the whole sum does
+                    rows, cols = overflow_risk(ap, bp)
+                    for bi in range(b1 - b0):
+                        r, c = rows[bi].nonzero().flatten(), cols[bi].nonzero().flatten()
+                        if r.numel():
+                            block[bi, r] = reference_matmul(ap[bi:bi + 1, r], bp[bi:bi + 1], spec)[0]
+                        if c.numel():
+                            block[bi, :, c] = reference_matmul(ap[bi:bi + 1], bp[bi:bi + 1, :, c], spec)[0]
+    return out
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
+    """The L-Matmul of validated operands (the custom op's implementation)."""
+    batch, m, k, n = _shapes(a.shape, b.shape)
+    shape = _out_shape(a.shape, b.shape)
+    a2 = a.unsqueeze(0) if a.dim() == 1 else a
+    b2 = b.unsqueeze(-1) if b.dim() == 1 else b
+    nb = math.prod(batch)
+    if 0 in (nb, m, n):
+        return torch.zeros(shape, dtype=torch.float32, device=a.device)
+    entry = kernels.select("matmul", a, spec)
+    if b2.dim() == 2:    # [..., M, K] @ [K, N]: fold the batch into M
+        out = _run(entry, a2.reshape(1, nb * m, k), b2[None], spec)
+        return out.reshape(shape)
+    if a2.dim() == 2:    # [M, K] @ [..., K, N]: fold the batch into N
+        bf = b2.expand(*batch, k, n).movedim(-2, 0).reshape(1, k, nb * n)
+        out = _run(entry, a2[None], bf, spec)                          # [1, M, nb N]
+        return out.reshape(m, *batch, n).movedim(0, -2).reshape(shape)
+    a_full, b_full = a2.shape[:-2] == batch, b2.shape[:-2] == batch
+    if (a_full or nb * m * k <= MATMUL_CHUNK) and (b_full or nb * k * n <= MATMUL_CHUNK):
+        out = _run(entry, a2.expand(*batch, m, k).reshape(nb, m, k), b2.expand(*batch, k, n).reshape(nb, k, n), spec)
+        return out.reshape(shape)
+    out = torch.empty(nb, m, n, dtype=torch.float32, device=a.device)
+    step = max(1, MATMUL_CHUNK // max(m * k, k * n))
+    for i0 in range(0, nb, step):
+        idx = torch.arange(i0, min(nb, i0 + step), device=a.device)
+        out[i0:i0 + len(idx)] = _run(entry, _gather(a2, batch, idx), _gather(b2, batch, idx), spec)
+    return out.reshape(shape)
+
+
+@lru_cache(maxsize=1024)
+def _spec_named(name: str) -> LMulSpec:
+    return LMulSpec.from_name(name)
+
+
+@torch.library.custom_op("lmul::matmul", mutates_args=())
+def _matmul_op(a: torch.Tensor, b: torch.Tensor, spec: str) -> torch.Tensor:
+    return _matmul(a.detach(), b.detach(), _spec_named(spec)).contiguous()  # the fake impl's strides
+
+
+@_matmul_op.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, spec: str) -> torch.Tensor:
+    return a.new_empty(_out_shape(a.shape, b.shape), dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output) -> None:
+    a, b, spec = inputs
+    ctx.save_for_backward(a, b)
+    ctx.spec = _spec_named(spec)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    a, b = ctx.saved_tensors
+    ga, gb = autograd.matmul_grads(grad, a, b, ctx.spec, ctx.needs_input_grad[:2])
+    return ga, gb, None
+
+
+_matmul_op.register_autograd(_backward, setup_context=_setup)
 
 
 def matmul(
     a: torch.Tensor,
     b: torch.Tensor,
-    fmt: FormatLike = "bf16",
+    fmt: Union[FormatLike, LMulSpec] = "bf16",
     mode: Mode = "bit",
     offset: Optional[float] = None,
     rounding: Rounding = "rne",
     acc: Union[str, Format, None] = "fp32",
     backend: str = "auto",
     acc_block: int = 1,
+    *,
+    spec: Optional[LMulSpec] = None,
 ) -> torch.Tensor:
     """L-Matmul of ``a`` and ``b`` with :func:`torch.matmul` shapes, returned as float32.
 
@@ -168,22 +191,21 @@ def matmul(
     ``acc=<format>`` (e.g. ``"e4m3"``, paper Table 6) accumulates in increasing ``k``: each block of
     ``acc_block`` consecutive products is summed in float32 and added to the running sum, which
     is rounded to that format (RNE, saturating) after every addition.
+
+    The multiply is given either by the keyword options or as one :class:`~lmul.spec.LMulSpec`
+    (``spec=``, or in place of ``fmt``). ``backend`` is ``"auto"`` or a name of :func:`lmul.backends`.
+    Gradients (when an operand requires them) are the straight-through ones of :mod:`lmul.autograd`.
     """
     check_float(a, "a")
     check_float(b, "b")
-    if a.device != b.device:
-        raise ValueError(f"a and b are on different devices: {a.device} and {b.device}")
-    fmt = Format.parse(fmt)
-    c = resolve_offset(fmt, mode, offset)
-    if rounding not in ("rne", "trunc"):
-        raise ValueError(f"rounding must be 'rne' or 'trunc', got {rounding!r}")
-    acc_fmt = None if acc is None or Format.parse(acc) == Format(8, 23) else Format.parse(acc)
-    if not isinstance(acc_block, int) or acc_block < 1:
-        raise ValueError(f"acc_block must be a positive int, got {acc_block!r}")
-    spec = MatmulSpec(fmt, mode, c, rounding, acc_fmt, acc_block)
-    a3, b3, _, shape_out = _broadcast(a, b)
-    name = resolve_backend(a3, spec, backend)
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        run = lambda x, y: shape_out(BACKENDS[name][0](*_broadcast(x, y)[:2], spec))
-        return LMatmulFunction.apply(a, b, run, fmt, rounding)
-    return shape_out(BACKENDS[name][0](a3, b3, spec))
+    check_devices("matmul", a, b)
+    if isinstance(fmt, LMulSpec):
+        spec, fmt = (fmt if spec is None else spec), "bf16"
+    if spec is not None and backend != "auto":  # backend= picks where a given spec runs
+        spec, backend = spec.replace(backend=backend), "auto"
+    spec = resolve_spec(spec, fmt=fmt, mode=mode, offset=offset, rounding=rounding, acc=acc, backend=backend,
+                        acc_block=acc_block)
+    _shapes(a.shape, b.shape)
+    if spec.backend != "auto":
+        kernels.select("matmul", a, spec)  # a named backend that cannot run raises here, with its reason
+    return _matmul_op(a, b, spec.name)

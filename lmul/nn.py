@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmul.config import LMulConfig
-from lmul.formats import quantize
+from lmul.elementwise import mul, quantize
 from lmul.matmul import matmul
-from lmul.ops import mul
 
 __all__ = [
     "LMulLinear", "LMulGatedMLP", "LMulRMSNorm", "LMulLayerNorm", "LMulRotaryEmbedding", "lmul_attention", "repeat_kv",
@@ -89,16 +88,16 @@ def lmul_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     dtype = query.dtype
-    mm = config.matmul_kwargs()
+    spec = config.spec
 
-    scores = matmul(query, key.transpose(2, 3), **mm).to(dtype) * scaling  # [B, H, Sq, Sk]
+    scores = matmul(query, key.transpose(2, 3), spec=spec).to(dtype) * scaling  # [B, H, Sq, Sk]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + _additive(attention_mask, dtype)[..., : key.shape[-2]]
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
-    out = matmul(weights, value, **mm).to(dtype)  # [B, H, Sq, D]
+    out = matmul(weights, value, spec=spec).to(dtype)  # [B, H, Sq, D]
     return out.transpose(1, 2).contiguous(), weights
 
 
@@ -107,7 +106,7 @@ class LMulLinear(nn.Module):
     transformers' ``Conv1D``, whose weight is stored ``[in, out]``).
 
     The Parameters are the original module's own (no copy). In inference (no gradient needed for
-    the weight) the weight is quantized to ``config.fmt`` once (a float32 copy in the weight's own
+    the weight) the weight is quantized to ``config.spec.fmt`` once (a float32 copy in the weight's own
     memory layout, used as the ``[in, out]`` operand) and cached until the Parameter changes (its
     version counter, storage, device or dtype); with autograd the weight goes to
     :func:`lmul.matmul` directly so that its gradient flows. The product and the float32
@@ -138,17 +137,19 @@ class LMulLinear(nn.Module):
     def _weight_in_out(self) -> torch.Tensor:
         """The weight as [in, out] operand: cached quantized copy, or the live Parameter for autograd."""
         w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            # lmul.matmul quantizes its operands itself (idempotent): the cache only saves time
             return w if self.transposed else w.t()
         key = (w._version, w.device, w.dtype, w.data_ptr())
         if self._cache is None or self._cache[0] != key:
             wt = (w.detach() if self.transposed else w.detach().t()).float()
-            self._cache = (key, quantize(wt, self.config.fmt, self.config.rounding))  # [in, out] view, float32
+            spec = self.config.spec
+            self._cache = (key, quantize(wt, spec.fmt, spec.rounding))  # [in, out] view, float32
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = matmul(x.reshape(-1, shape[-1]), self._weight_in_out(), **self.config.matmul_kwargs())  # [N, out]
+        y = matmul(x.reshape(-1, shape[-1]), self._weight_in_out(), spec=self.config.spec)  # [N, out]
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -174,7 +175,7 @@ class LMulGatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gated = self.act_fn(self.gate_proj(x))
         up = self.up_proj(x)
-        return self.down_proj(mul(gated, up, **self.config.mul_kwargs()).to(up.dtype))
+        return self.down_proj(mul(gated, up, spec=self.config.spec).to(up.dtype))
 
     def extra_repr(self) -> str:
         return f"lmul={self.config.tag}"
@@ -195,7 +196,7 @@ class LMulRMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kw = self.config.mul_kwargs()
+        kw = dict(spec=self.config.spec)
         h = x.float()
         normed = mul(h, torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps), **kw)
         if self.unit_offset:
@@ -219,7 +220,7 @@ class LMulLayerNorm(nn.Module):
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kw = self.config.mul_kwargs()
+        kw = dict(spec=self.config.spec)
         h = x.float()
         mean = h.mean(-1, keepdim=True)
         var = (h - mean).pow(2).mean(-1, keepdim=True)
@@ -257,9 +258,9 @@ class _LMulFactor(torch.Tensor):
         kwargs = kwargs or {}
         config = next(a._lmul_config for a in args if isinstance(a, _LMulFactor))
         if func in _MUL_FUNCS and len(args) == 2 and not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            with torch._C.DisableTorchFunctionSubclass():
-                a, b = (x.as_subclass(torch.Tensor) for x in args)
-                return mul(a, b, **config.mul_kwargs()).to(torch.promote_types(a.dtype, b.dtype))
+            with torch._C.DisableTorchFunctionSubclass():  # inside, the subclass behaves as a plain tensor
+                a, b = args
+                return mul(a, b, spec=config.spec).to(torch.promote_types(a.dtype, b.dtype))
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if func in _KEEP_FUNCS and isinstance(out, torch.Tensor):

@@ -152,8 +152,9 @@ def _resolve_config(config: Any, options: dict) -> LMulConfig:
     if not isinstance(config, LMulConfig):
         raise TypeError(f"config must be an LMulConfig, a preset name or None, got {type(config).__name__}")
     other = config.replace(**given)
-    clash = {k: (getattr(config, k), getattr(other, k)) for k in given if getattr(config, k) != getattr(other, k)}
-    if clash:
+    if other != config:
+        ours, theirs = config.options(), other.options()
+        clash = {k: (ours[k], theirs[k]) for k in given if ours[k] != theirs[k]}
         raise ValueError(
             f"patch() got config {config.tag!r} and keyword options that disagree with it "
             f"(field: (config, keyword)): {clash}; pass one or the other, or config.replace(...)"

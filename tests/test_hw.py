@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import lmul.golden
 from lmul import mul, quantize
 from lmul.formats import Format
 from lmul.hw.rtl import UnitSpec, verilog
@@ -168,19 +169,10 @@ def test_offset_override_and_sensitivity():
     assert (~same_bits(got, mul(x, y, "e4m3", "bit"))).sum() > 10_000
 
 
-# SPEC §3 golden values, e4m3 / e5m2 / bf16 bit mode (labelled data)
-GOLDEN = [
-    (3.0, 4.0, 13.0, 14.0, 12.5, ""),
-    (1.5, 1.5, 2.25, 2.5, 2.125, ""),
-    (1.5, 1.75, 2.75, 3.0, 2.625, "mantissa carry"),
-    (1.0, 1.0, 1.125, 1.25, 1.0625, ""),
-    (-2.0, 3.0, -6.5, -7.0, -6.25, "sign"),
-    (1.875, 1.875, 3.75, 5.0, 3.625, "carry; e5m2 rounds 1.875 to 2"),
-    (0.0, 5.0, 0.0, 0.0, 0.0, "zero"),
-    (448.0, 2.0, 960.0, 1024.0, 928.0, "exponent beyond the operand format"),
-    (2.0**-6, 2.0**-6, 2.0**-12 * 1.125, 2.0**-12 * 1.25, 2.0**-12 * 1.0625, "small"),
-    (1.9921875, 1.9921875, None, None, 4.1875, "s >= 2 in bf16: q = 2"),
-]
+# SPEC §3 golden values, e4m3 / e5m2 / bf16 bit mode (lmul.golden: x, y, e4m3, e5m2, bf16, note)
+GOLDEN = [(x, y, *(want.get(f"{f}-bit", want.get("fp32-bit") if f == "bf16" else None)
+                   for f in ("e4m3", "e5m2", "bf16")), note)
+          for x, y, want, note in lmul.golden.GOLDEN if note != "s >= 2 carry, fp32"]
 
 
 @needs_iverilog

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import lmul
+from lmul import kernels, mul
 from lmul.formats import Format, _quantize_torch, quantize
-from lmul.matmul import BACKENDS, MatmulSpec, matmul
-from lmul.ops import mul, products, resolve_offset
+from lmul.matmul import matmul
+from lmul.ops import products
+from lmul.spec import LMulSpec, resolve_offset
 
 FORMATS = ["e4m3", "e5m2", "e8m3", "bf16", "fp16", "fp32", "e5m6"]
 MODES = ["bit", "formula", "exact"]
@@ -23,8 +25,8 @@ FAST = ["cpu", "decompose"]
 
 def _why_not(backend: str, fmt: str, mode: str) -> str | None:
     """Why ``backend`` cannot run this config on this machine (None: it can)."""
-    spec = MatmulSpec(Format.parse(fmt), mode, resolve_offset(fmt, mode), "rne", None, 1)
-    return BACKENDS[backend][1](torch.zeros(1, 1, 1), spec)
+    spec = LMulSpec(fmt, mode)
+    return kernels.get("matmul", backend).unavailable(torch.zeros(1, 1, 1), spec)
 
 
 def _backend_or_skip(backend: str, fmt: str, mode: str) -> None:
@@ -240,7 +242,7 @@ def test_auto_and_explicit_selection():
 
 
 def test_backends_listing():
-    rows = {r["name"]: r for r in lmul.backends()}
+    rows = {r["name"]: r for r in lmul.backends("matmul")}
     assert {"reference", "cpu", "decompose"} <= set(rows)
     assert rows["reference"]["available"] and rows["decompose"]["available"]
     for r in rows.values():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmul import Format, matmul, quantize
-from lmul.matmul import REFERENCE_CHUNK
+from lmul.kernels.reference import REFERENCE_CHUNK
 from tests.oracle import SmallFormat, default_offset, spec_products
 
 
@@ -80,7 +80,7 @@ def test_non_contiguous_and_transposed():
 
 def test_chunking_covers_large_problems(monkeypatch):
     """Force tiny chunks so every chunk boundary (batch, rows, k) is crossed."""
-    monkeypatch.setattr(sys.modules["lmul.matmul"], "REFERENCE_CHUNK", 37)
+    monkeypatch.setattr(sys.modules["lmul.kernels.reference"], "REFERENCE_CHUNK", 37)
     g = torch.Generator().manual_seed(10)
     a, b = torch.randn(2, 11, 13, generator=g), torch.randn(2, 13, 5, generator=g)
     want, mag = oracle_matmul(a, b, "e4m3", "bit")
@@ -144,3 +144,105 @@ def test_errors():
         matmul(a, torch.ones(4, 2), acc="e4m3", acc_block=0)
     with pytest.raises(ValueError, match="unknown format"):
         matmul(a, torch.ones(4, 2), acc="int8")
+
+
+# -- bounded memory: the dispatcher's pieces (lmul.matmul.MATMUL_CHUNK) ------------------------
+
+CHUNK_SHAPES = [  # matrix-vector with long K, both broadcast folds, a gathered broadcast batch, square
+    ((3, 700), (700,)), ((40, 30), (6, 30, 1)), ((2, 5, 40, 30), (30, 7)), ((4, 1, 9, 30), (1, 5, 30, 6)),
+    ((33, 65), (65, 31)),
+]
+
+
+def _recording(monkeypatch, name: str, chunk: int) -> list:
+    """Shrink MATMUL_CHUNK and wrap backend ``name`` so that every call's operand sizes are kept."""
+    from lmul import kernels
+
+    calls = []
+    entry = kernels.get("matmul", name)
+
+    def fn(a, b, spec):
+        calls.append((a.numel(), b.numel(), a.shape[1] * b.shape[-1] * a.shape[0]))
+        return entry.fn(a, b, spec)
+
+    monkeypatch.setattr(sys.modules["lmul.matmul"], "MATMUL_CHUNK", chunk)
+    monkeypatch.setitem(kernels._BY_KEY, ("matmul", name), kernels.Backend(name, "matmul", fn, entry.unavailable, ""))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "decompose"])
+@pytest.mark.parametrize("shapes", CHUNK_SHAPES, ids=str)
+def test_pieces_are_bounded_and_invisible(monkeypatch, backend, shapes):
+    from lmul import kernels
+    from lmul.spec import LMulSpec
+
+    spec = LMulSpec("e4m3", "formula" if backend == "decompose" else "bit", backend=backend)
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(*shapes[0], generator=g), torch.randn(*shapes[1], generator=g)
+    if kernels.get("matmul", backend).unavailable(a, spec):
+        pytest.skip(f"{backend} unavailable")
+    whole = matmul(a, b, spec=spec)
+    calls = _recording(monkeypatch, backend, 64)
+    got = matmul(a, b, spec=spec)
+    assert len(calls) > 1
+    assert all(x <= 64 and y <= 64 and z <= 64 for x, y, z in calls), calls
+    want, mag = oracle_matmul(a, b, "e4m3", spec.mode)
+    k = shapes[0][-1]
+    assert_within_contract(got, want, mag, k)
+    assert_within_contract(whole, want, mag, k)
+
+
+@pytest.mark.parametrize("acc,block", [("e4m3", 1), ("e5m2", 4)])
+def test_reduced_accumulation_is_never_split_over_k(monkeypatch, acc, block):
+    """The running sum is rounded in k order, so pieces split rows/columns only: bit-identical."""
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(2, 7, 90, generator=g), torch.randn(90, 5, generator=g)
+    whole = matmul(a, b, "e4m3", acc=acc, acc_block=block)
+    calls = _recording(monkeypatch, "reference", 100)
+    got = matmul(a, b, "e4m3", acc=acc, acc_block=block)
+    assert len(calls) > 1 and all(x % 90 == 0 for x, _, _ in calls)  # whole rows of K
+    assert torch.equal(got.view(torch.int32), whole.view(torch.int32))
+
+
+def test_mul_pieces_are_bit_identical(monkeypatch):
+    from lmul import elementwise
+
+    g = torch.Generator().manual_seed(13)
+    x, y = torch.randn(6, 1, 50, generator=g), torch.randn(7, 50, generator=g)
+    whole = elementwise.mul(x, y, "e4m3", "bit")
+    monkeypatch.setattr(elementwise, "MUL_CHUNK", 40)
+    assert torch.equal(elementwise.mul(x, y, "e4m3", "bit").view(torch.int32), whole.view(torch.int32))
+    assert list(elementwise._slices((6, 7, 50), 40))[:2] == [(0, 0, slice(0, 40)), (0, 0, slice(40, 50))]
+    assert list(elementwise._slices((6, 7, 5), 40)) == [(slice(i, i + 1),) for i in range(6)]
+
+
+# -- the contract at float32's edge -----------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "decompose"])
+@pytest.mark.parametrize("mode", ["bit", "formula", "exact"])
+def test_overflowing_products_and_sums_follow_the_reference(backend, mode):
+    """Products above float32's max (the issue's reproduction) and sums that leave float32's range:
+    every backend gives the reference's inf, NaN and sign; finite entries within the contract."""
+    from lmul import kernels
+    from lmul.spec import LMulSpec
+
+    fmt = "e4m3" if backend == "decompose" and mode == "bit" else "bf16"
+    spec = LMulSpec(fmt, mode, backend=backend)
+    a = torch.full((1, 2), 1.5 * 2.0**127)
+    b = torch.tensor([[1.5], [-1.0]])
+    if kernels.get("matmul", backend).unavailable(a, spec):
+        pytest.skip(f"{backend} unavailable")
+    ref = spec.replace(backend="reference")
+    if fmt == "bf16":
+        assert torch.equal(matmul(a, b, spec=spec), matmul(a, b, spec=ref))
+        assert torch.isinf(matmul(a, b, spec=ref)).all()
+    g = torch.Generator().manual_seed(14)
+    for scale_a, scale_b in [(2.0**100, 2.0**27), (2.0**120, 2.0**6), (2.0**-100, 2.0**-40)]:
+        x = torch.randn(6, 40, generator=g) * scale_a
+        y = torch.randn(40, 5, generator=g) * scale_b
+        y[3, 2] = -y[3, 2].abs() * 4
+        got, want = matmul(x, y, spec=spec), matmul(x, y, spec=ref)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(torch.signbit(got[torch.isinf(want)]), torch.signbit(want[torch.isinf(want)]))
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(got[fin], want[fin], rtol=40 * 2.0**-24, atol=1e-30)

@@ -10,36 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmul import Format, mul, offset_exponent
+from lmul.golden import GOLDEN
 from tests.oracle import SmallFormat, default_offset, spec_products
 from tests.test_formats import same_bits
 
-# (x, y, {(fmt, mode): expected}, note) -- docs/semantics.md §3, copied from the contract
-GOLDEN = [
-    (3, 4, {"fp32 bit": 12.5, "fp32 formula": 12.5, "e4m3 bit": 13, "e4m3 formula": 13, "e5m2 bit": 14}, ""),
-    (1.5, 1.5, {"fp32 bit": 2.125, "fp32 formula": 2.0625, "e4m3 bit": 2.25, "e4m3 formula": 2.125,
-                "e5m2 bit": 2.5}, ""),
-    (1.5, 1.75, {"fp32 bit": 2.625, "fp32 formula": 2.3125, "e4m3 bit": 2.75, "e4m3 formula": 2.375,
-                 "e5m2 bit": 3}, "mantissa carry"),
-    (1, 1, {"fp32 bit": 1.0625, "fp32 formula": 1.0625, "e4m3 bit": 1.125, "e4m3 formula": 1.125,
-            "e5m2 bit": 1.25}, ""),
-    (-2, 3, {"fp32 bit": -6.25, "fp32 formula": -6.25, "e4m3 bit": -6.5, "e4m3 formula": -6.5, "e5m2 bit": -7},
-     "sign"),
-    (1.875, 1.875, {"fp32 bit": 3.625, "fp32 formula": 2.8125, "e4m3 bit": 3.75, "e4m3 formula": 2.875,
-                    "e5m2 bit": 5}, "e5m2: 1.875 rounds to 2"),
-    (0, 5, {"fp32 bit": 0, "fp32 formula": 0, "e4m3 bit": 0, "e4m3 formula": 0, "e5m2 bit": 0}, "zero"),
-    (448, 2, {"fp32 bit": 928, "fp32 formula": 928, "e4m3 bit": 960, "e4m3 formula": 960, "e5m2 bit": 1024},
-     "exponent not clamped"),
-    (2**-6, 2**-6, {"fp32 bit": 2**-12 * 1.0625, "fp32 formula": 2**-12 * 1.0625, "e4m3 bit": 2**-12 * 1.125,
-                    "e4m3 formula": 2**-12 * 1.125, "e5m2 bit": 2**-12 * 1.25}, "small"),
-    (1.9921875, 1.9921875, {"bf16 bit": 4.1875, "bf16 formula": 3.046875}, "s >= 2 carry"),
-    (1.9995039, 0.0154618, {"fp32 bit": 0.03253482}, "s >= 2 carry, fp32"),
-]
-GOLDEN_CASES = [(x, y, arm, want, note) for x, y, arms, note in GOLDEN for arm, want in arms.items()]
+GOLDEN_CASES = [(x, y, arm, want, note) for x, y, arms, note in GOLDEN for arm, want in arms.items()]  # lmul.golden
 
 
 @pytest.mark.parametrize("x,y,arm,want,note", GOLDEN_CASES)
 def test_golden(x, y, arm, want, note):
-    fmt, mode = arm.split()
+    fmt, mode = arm.split("-")
     got = mul(torch.tensor(float(x)), torch.tensor(float(y)), fmt, mode).item()
     if note == "s >= 2 carry, fp32":  # the contract prints 7 significant digits
         assert got == pytest.approx(want, rel=5e-7)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import lmul
+from lmul import kernels
 from lmul.config import PRESETS, LMulConfig
 from lmul.formats import quantize
-from lmul.matmul import BACKENDS, register_backend
 from lmul.nn import LMulLinear
 
 transformers = pytest.importorskip("transformers")
@@ -78,10 +78,12 @@ def _torch_exact(a: torch.Tensor, b: torch.Tensor, spec) -> torch.Tensor:
 def torch_exact_backend():
     """A backend that runs exact float32 matmuls with torch's own kernels (test-only), so that the
     patched model can be compared bit for bit with the unpatched one."""
-    register_backend("torch-exact-test", _torch_exact,
-                     lambda a, spec: None if spec.mode == "exact" and spec.acc is None else "exact fp32 only")
-    yield "torch-exact-test"
-    del BACKENDS["torch-exact-test"]
+    entry = kernels.Backend("torch-exact-test", "matmul", _torch_exact,
+                            lambda a, spec: None if spec.mode == "exact" and spec.acc is None else "exact fp32 only",
+                            "test only")
+    with pytest.MonkeyPatch.context() as mp:  # a test-only entry in the table, removed afterwards
+        mp.setitem(kernels._BY_KEY, ("matmul", entry.name), entry)
+        yield entry.name
 
 
 def logits(model, ids, mask):
@@ -110,7 +112,12 @@ PRESET_TABLE = [
 def test_presets(name, fields):
     cfg = LMulConfig.from_name(name)
     for k, v in fields.items():
-        assert getattr(cfg, k) == v, (name, k)
+        got = getattr(cfg.placement if k in ("scope", "layers") else cfg.spec, k)
+        if k == "fmt":
+            got = got.name
+        if k == "offset" and v is None:  # the paper's default c = 2^-l(m), resolved in the spec
+            got, v = cfg.spec.default_offset, True
+        assert got == v, (name, k)
     assert cfg.tag == name
 
 

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 import pytest
 import torch
 
+from lmul import mul
 from lmul.formats import Format, quantize
-from lmul.matmul import MatmulSpec, matmul
-from lmul.ops import mul, resolve_offset
+from lmul.matmul import matmul
+from lmul.spec import LMulSpec
 from tests.conftest import needs_cuda
 from tests.test_kernels import _all_8bit_values, _assert_same_bits, _assert_within_tolerance, _edge_values
 
-# No GPU: run the kernel in Triton's interpreter, which triton only enables when the variable is
-# set before its first import (nothing in lmul imports triton before first use).
-INTERPRET = not torch.cuda.is_available() and "triton" not in sys.modules
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
+# No GPU: run the kernel in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
+# anything imports triton, which is when triton reads it).
+INTERPRET = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),
@@ -31,7 +29,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
 ]
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CUDA present (or triton already imported)")
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CUDA present, or TRITON_INTERPRET unset")
 
 FORMATS = ["e4m3", "e5m2", "e8m3", "bf16", "fp16", "fp32", "e5m6"]
 MODES = ["bit", "formula", "exact"]
@@ -40,7 +38,7 @@ MODES = ["bit", "formula", "exact"]
 def _run(a, b, fmt, mode, device="cpu", **kw):
     from lmul.kernels.triton_lmul import triton_matmul
 
-    spec = MatmulSpec(Format.parse(fmt), mode, resolve_offset(fmt, mode), "rne", None, 1)
+    spec = LMulSpec(fmt, mode)
     a3 = (a if a.dim() == 3 else a[None]).to(device)
     b3 = (b if b.dim() == 3 else b[None]).to(device)
     return triton_matmul(a3, b3, spec, **kw).cpu().reshape(*a.shape[:-1], b.shape[-1])

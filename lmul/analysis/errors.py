@@ -28,8 +28,9 @@ from typing import Optional
 
 import torch
 
+from lmul.elementwise import mul
 from lmul.formats import Format, quantize
-from lmul.ops import mul, offset_exponent
+from lmul.spec import offset_exponent
 
 __all__ = [
     "EXHAUSTIVE_ARMS", "ErrorStats", "Arm", "mantissa_grid", "grid_pairs", "arm_products",

@@ -18,7 +18,7 @@ import torch
 
 from lmul.analysis import errors, gates, plots, table7
 from lmul.analysis.energy import claim_80, claim_95
-from lmul.ops import offset_exponent
+from lmul.spec import offset_exponent
 
 __all__ = ["AnalyzeConfig", "exhaustive_section", "offsets_section", "real_section", "gaussian_operands",
            "load_operands", "run_analysis"]

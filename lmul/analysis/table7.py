@@ -31,7 +31,7 @@ from fractions import Fraction
 from typing import Optional
 
 from lmul.analysis.errors import exhaustive_stats
-from lmul.ops import offset_exponent
+from lmul.spec import offset_exponent
 
 __all__ = [
     "lmul_expectation", "truncation_expectation", "normalised_truncation_expectation", "table7_rows",

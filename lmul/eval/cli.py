@@ -11,6 +11,7 @@ from pathlib import Path
 from lmul.cli import CliError, device_arg, int_arg
 from lmul.eval import store
 from lmul.eval.tasks import GROUPS, TASKS, resolve_tasks
+from lmul.spec import PRESETS
 
 DEFAULT_ARMS = "exact,e4m3,e5m2,lmul"
 
@@ -145,8 +146,8 @@ def register(sub) -> None:
                    "fetched on first use), a local HF model folder, a .gguf file, or a hub id in the local HF cache")
     p.add_argument("--tasks", default="commonsense", help=f"comma list of tasks or groups. Groups: {groups}. "
                    f"Tasks: {', '.join(TASKS)}")
-    p.add_argument("--arms", default=DEFAULT_ARMS, help="comma list of lmul.patch presets: exact, e4m3, e5m2, lmul, "
-                   "lmul-k2, lmul-k3, lmul-k4, lmul-formula, mitchell, lmul-all ('exact' is always added)")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help="comma list of presets (lmul.spec.PRESETS): "
+                   f"{', '.join(PRESETS)} ('exact' is always added)")
     p.add_argument("--limit", type=_limit, default=None, help="first N >= 1 items per task ('all' = every item, "
                    "the default)")
     p.add_argument("--div-limit", type=int_arg(0), default=None, help="items per task in the divergence pass "

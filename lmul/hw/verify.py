@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lmul.elementwise import mul
 from lmul.hw.rtl import UnitSpec
 from lmul.hw.sim import SimResult, all_pairs, decode_operand, random_pairs, simulate
-from lmul.ops import mul
 
 __all__ = ["Report", "float64_reference", "compare", "verify", "verify_mac"]
 

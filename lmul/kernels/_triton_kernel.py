@@ -25,7 +25,7 @@ def lmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn, scb,
                     mask=(ks[:, None] < K) & (rn[None, :] < N), other=0.0)          # [BK, BN]
         x = a[:, :, None]
         y = b[None, :, :]                                                           # [BM, BK, BN]
-        if MODE == 0:
+        if MODE == 2:  # lmul.spec.MODE_CODES: bit 0, formula 1, exact 2
             p = x * y
         else:
             xb = x.to(tl.int32, bitcast=True)
@@ -36,7 +36,7 @@ def lmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn, scb,
             ny = (fy >= EMIN_FIELD) & (fy > 0) & (fy < 255)
             s = (xb & 0x7FFFFF) + (yb & 0x7FFFFF) + OFFS                             # < 3 2^23
             neg = (xb ^ yb) < 0
-            if MODE == 1:
+            if MODE == 0:
                 q = s >> 23
                 frac = s - (q << 23)
                 f = fx + fy - 127 + q                                               # result field

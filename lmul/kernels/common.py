@@ -1,23 +1,36 @@
-"""Pieces shared by the fast L-Matmul backends: the inf/NaN fix-up and operand splitting.
+"""Pieces shared by the fast L-Matmul backends: the reference fix-up and operand splitting.
 
 Every fast backend computes the finite part of ``C = sum_k P(a_ik, b_kj)`` by a decomposition
-or an integer kernel. A row ``i`` of A or a column ``j`` of B that holds an operand those paths
-do not cover (inf/NaN, and for some decompositions values in float32's top binade) has its row
-or column of C recomputed by the reference backend, so special values follow the contract
-(``docs/semantics.md`` section 2) exactly. Only those rows/columns cost reference speed.
+or an integer kernel. A row ``i`` of A or a column ``j`` of B that those paths do not cover has its
+row or column of C recomputed by the reference backend, so that the contract
+(``docs/semantics.md`` sections 2 and 4) holds exactly there:
+
+* operands that are inf/NaN (and, for some decompositions, values in float32's top binade);
+* rows/columns where a product or a partial sum could leave float32's range: with ``|a_ik| < 2^ea_i``
+  and ``|b_kj| < 2^eb_j`` every product has ``|P| < 2^(ea_i + eb_j + 3)`` (L-Mul exceeds the exact
+  product by less than a factor 4, quantization rounds up by less than 2), so every partial sum is
+  below ``2^(ea_i + eb_j + 3 + ceil(log2 K))``; where that reaches 2^127 the reference (float64 sums,
+  one rounding) decides inf and sign. The smaller of the two covering sets (rows or columns) is
+  recomputed.
+
+Only those rows/columns cost reference speed.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmul.formats import Format
-from lmul.matmul import BACKENDS, MatmulSpec
+from lmul.kernels.reference import reference_matmul
+from lmul.ops import split
+from lmul.spec import LMulSpec
 
-__all__ = ["fixup", "split_normal", "spec_unsupported"]
+__all__ = ["fixup", "split_normal", "spec_unsupported", "overflow_risk"]
 
 
-def spec_unsupported(spec: MatmulSpec) -> str | None:
+def spec_unsupported(spec: LMulSpec) -> str | None:
     """Why no fast backend can run ``spec`` (None if one can): reduced-precision accumulation is
     the reference backend's alone, and formula mode splits ``c`` exactly only when the offset is a
     multiple of 2^-23 (``docs/kernels.md``)."""
@@ -28,32 +41,67 @@ def spec_unsupported(spec: MatmulSpec) -> str | None:
     return None
 
 
-def fixup(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec,
+_BOUND_PIECE = 1 << 20  # elements per temporary of _exponent_bound
+
+
+def _exponent_bound(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """int ``e`` per row (dim=-1) or column (dim=-2) with ``|x| < 2^e`` over its finite entries
+    (computed in pieces along ``dim``: temporaries of at most about _BOUND_PIECE elements)."""
+    n = x.shape[dim]
+    step = max(1, _BOUND_PIECE // max(1, x.numel() // max(n, 1)))
+    top = None
+    for i in range(0, n, step):
+        part = x.narrow(dim, i, min(step, n - i))
+        mag = torch.where(torch.isfinite(part), part.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
+        top = mag.amax(dim) if top is None else torch.maximum(top, mag.amax(dim))
+    return torch.frexp(top.float()).exponent
+
+
+def overflow_risk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``a`` [B, M, K] and columns of ``b`` [B, K, N] (bool masks [B, M], [B, N]) whose
+    products or partial sums could overflow float32 (see the module docstring); only one of the two
+    masks is non-empty: the smaller covering set."""
+    k = a.shape[-1]
+    rows = torch.zeros(a.shape[:-1], dtype=torch.bool, device=a.device)
+    cols = torch.zeros(b.shape[0], b.shape[-1], dtype=torch.bool, device=b.device)
+    if 0 in a.shape or 0 in b.shape:
+        return rows, cols
+    ea, eb = _exponent_bound(a, -1), _exponent_bound(b, -2)       # [B, M], [B, N]
+    limit = 127 - 3 - math.ceil(math.log2(k))
+    risk_rows = ea + eb.amax(-1, keepdim=True) >= limit
+    risk_cols = eb + ea.amax(-1, keepdim=True) >= limit
+    if not bool(risk_rows.any()):
+        return rows, cols
+    if int(risk_rows.sum()) * b.shape[-1] <= int(risk_cols.sum()) * a.shape[1]:
+        return risk_rows, cols
+    return rows, risk_cols
+
+
+def fixup(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec,
           rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Overwrite ``out[bi, i, :]`` where ``rows[bi, i]`` and ``out[bi, :, j]`` where ``cols[bi, j]``
-    with the reference backend's result (``a`` [B, M, K], ``b`` [B, K, N], masks bool)."""
+    with the reference backend's result (``a`` [B, M, K], ``b`` [B, K, N], masks bool), after adding
+    the rows/columns at risk of float32 overflow (:func:`overflow_risk`)."""
+    risk_rows, risk_cols = overflow_risk(a.detach(), b.detach())
+    rows, cols = rows | risk_rows, cols | risk_cols
     if not bool(rows.any()) and not bool(cols.any()):
         return out
-    reference = BACKENDS["reference"][0]
     for bi in range(out.shape[0]):
         r = rows[bi].nonzero().flatten()
         if r.numel():
-            out[bi, r] = reference(a[bi : bi + 1, r], b[bi : bi + 1], spec)[0]
+            out[bi, r] = reference_matmul(a[bi : bi + 1, r], b[bi : bi + 1], spec)[0]
         c = cols[bi].nonzero().flatten()
         if c.numel():
-            out[bi, :, c] = reference(a[bi : bi + 1], b[bi : bi + 1, :, c], spec)[0]
+            out[bi, :, c] = reference_matmul(a[bi : bi + 1], b[bi : bi + 1, :, c], spec)[0]
     return out
 
 
 def split_normal(xq: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For quantized float32 ``xq``: ``(X, X^, M)`` with ``X`` flushed to 0 where ``xq`` is zero,
     subnormal in ``fmt`` or not finite, ``X^ = sign 2^xe`` (0 there too) and ``M`` the int32
-    m-bit mantissa field. ``[s|eeeeeeee|mmm...]`` float32 bits; ``X^`` keeps ``[s|eeeeeeee|0..0]``."""
-    bits = xq.view(torch.int32)
-    field = (bits >> 23) & 0xFF
-    normal = (field >= fmt.emin + 127) & (field < 255)
+    m-bit mantissa field (from :func:`lmul.ops.split`). ``X^`` keeps the bits ``[s|eeeeeeee|0..0]``."""
+    parts = split(xq, fmt)
     zero = torch.zeros((), dtype=torch.float32, device=xq.device)
-    x = torch.where(normal, xq, zero)
-    hat = torch.where(normal, (bits & -(1 << 23)).view(torch.float32), zero)  # 0xFF800000 mask
-    man = (bits & 0x7FFFFF) >> (23 - fmt.man_bits)
-    return x, hat, man
+    x = torch.where(parts.normal, xq, zero)
+    hat = torch.where(parts.normal, (parts.bits & -(1 << 23)).view(torch.float32), zero)  # 0xFF800000 mask
+    return x, hat, parts.man

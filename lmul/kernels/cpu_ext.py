@@ -33,13 +33,14 @@ from typing import Optional
 
 import torch
 
-from lmul.formats import QUANTIZERS, Format, quantize
+from lmul.formats import Format, quantize
 from lmul.kernels.common import fixup, spec_unsupported
-from lmul.kernels.registry import describe
-from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
-from lmul.ops import register_mul_kernel
+from lmul.spec import MODE_CODES, LMulSpec
 
-__all__ = ["load", "compiler", "cpu_matmul", "cpu_mul", "quantize_cpu", "release_workspace", "FLAGS"]
+__all__ = ["load", "compiler", "cpu_matmul", "cpu_mul", "quantize_cpu", "release_workspace", "FLAGS", "machine",
+           "matmul_unavailable", "mul_unavailable", "quantize_unavailable", "DESCRIPTION"]
+
+DESCRIPTION = "compiled C++ (OpenMP, SIMD): bit mode integer kernel (any m), fused prep + BLAS for formula/exact"
 
 SOURCE = Path(__file__).with_name("lmul_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -169,18 +170,7 @@ def quantize_cpu(x: torch.Tensor, fmt: Format, rounding: str = "rne") -> torch.T
     return out
 
 
-def _fast_quantize(x: torch.Tensor, fmt: Format, rounding: str) -> Optional[torch.Tensor]:
-    """:func:`quantize_cpu` as a fast path of :func:`lmul.formats.quantize` (float32 CPU input)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or _BUILD_ERROR is not None:
-        return None
-    try:
-        load()
-    except RuntimeError:
-        return None
-    return quantize_cpu(x, fmt, rounding)
-
-
-def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -> tuple:
+def _bit(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: ctypes.CDLL) -> tuple:
     """One C call each for: left prep, right prep (packed strips), kernel; all batches at once."""
     bsz, m_rows, k = a.shape
     n = b.shape[-1]
@@ -213,7 +203,7 @@ def _bit(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -
     return out, rowflag[:, :m_rows].bool(), colflag.bool()
 
 
-def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: ctypes.CDLL) -> tuple:
+def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: ctypes.CDLL) -> tuple:
     bsz, m_rows, k = a.shape
     n = b.shape[-1]
     qp = ctypes.byref(_qparams(spec.fmt, spec.rounding))
@@ -239,7 +229,7 @@ def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, lib: c
     return torch.matmul(left, right), rowflag.bool(), colflag.bool()
 
 
-def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torch.Tensor:
+def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
     """[B, M, K] x [B, K, N] -> [B, M, N] float32 on the CPU (see the module docstring)."""
     lib = load()
     a32 = _as_f32(a, spec.fmt, spec.rounding)
@@ -253,22 +243,11 @@ def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torch.Tens
     return fixup(out, a, b, spec, rows, cols)
 
 
-_MUL_MODES = {"bit": 0, "formula": 1, "exact": 2}
-
-
-def cpu_mul(x: torch.Tensor, y: torch.Tensor, fmt: Format, mode: str, c: float,
-            rounding: str) -> Optional[torch.Tensor]:
+def cpu_mul(x: torch.Tensor, y: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
     """Elementwise L-Mul in one C++ pass (quantize both operands, products, specials): the bits of
-    ``lmul.ops.products(quantize(x), quantize(y), fmt, mode, c)``, broadcast, float32. None (the
-    caller falls back to torch ops) off the CPU, for an unknown mode or without a compiler."""
-    if x.device.type != "cpu" or y.device.type != "cpu" or mode not in _MUL_MODES or _BUILD_ERROR is not None:
-        return None
-    if mode == "bit" and c * 2**fmt.man_bits != int(c * 2**fmt.man_bits):
-        return None
-    try:
-        lib = load()
-    except RuntimeError:
-        return None
+    ``lmul.ops.products(quantize(x), quantize(y), fmt, mode, c)``, broadcast, float32 (CPU tensors)."""
+    lib = load()
+    fmt, rounding, c = spec.fmt, spec.rounding, spec.offset
     shape = torch.broadcast_shapes(x.shape, y.shape)
     xs = _as_f32(x, fmt, rounding).expand(shape).contiguous()
     ys = _as_f32(y, fmt, rounding).expand(shape).contiguous()
@@ -276,12 +255,18 @@ def cpu_mul(x: torch.Tensor, y: torch.Tensor, fmt: Format, mode: str, c: float,
     n = out.numel()
     if n:
         lib.lmul_mul_elem(_ptr(xs), _ptr(ys), ctypes.c_int64(n), _ptr(out), ctypes.byref(_qparams(fmt, rounding)),
-                          _MUL_MODES[mode], int(c * 2**fmt.man_bits) if mode == "bit" else 0, ctypes.c_double(c),
-                          _threads(16 * n))
+                          MODE_CODES[spec.mode], int(c * 2**fmt.man_bits) if spec.mode == "bit" else 0,
+                          ctypes.c_double(c), _threads(16 * n))
     return out
 
 
-def _machine() -> Optional[str]:
+def cpu_quantize(x: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
+    """:func:`quantize_cpu` to ``spec.fmt`` with ``spec.rounding``."""
+    return quantize_cpu(x, spec.fmt, spec.rounding)
+
+
+def machine() -> Optional[str]:
+    """Why the compiled kernels cannot run on this machine (None if they can; compiles on first call)."""
     if _BUILD_ERROR is not None:
         return _BUILD_ERROR.splitlines()[0]
     if compiler() is None:
@@ -289,13 +274,8 @@ def _machine() -> Optional[str]:
     return None
 
 
-def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
-    if a.device.type != "cpu":
-        return f"CPU only, operands are on {a.device}"
-    why = spec_unsupported(spec)
-    if why:
-        return why
-    why = _machine()
+def _loadable() -> Optional[str]:
+    why = machine()
     if why:
         return why
     try:
@@ -305,9 +285,26 @@ def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
     return None
 
 
-register_backend("cpu", cpu_matmul, _unavailable)
-describe("cpu", "compiled C++ (OpenMP, SIMD): bit mode integer kernel (any m), fused prep + BLAS for formula/exact",
-         _machine)
-AUTO_ORDER.insert(0, "cpu")
-register_mul_kernel("cpu", cpu_mul)
-QUANTIZERS["cpu"] = _fast_quantize
+def matmul_unavailable(a: torch.Tensor, spec: LMulSpec) -> Optional[str]:
+    if a.device.type != "cpu":
+        return f"CPU only, operands are on {a.device}"
+    return spec_unsupported(spec) or _loadable()
+
+
+def mul_unavailable(x: torch.Tensor, spec: LMulSpec) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"CPU only, operands are on {x.device}"
+    return _loadable()
+
+
+def quantize_unavailable(x: torch.Tensor, spec: LMulSpec) -> Optional[str]:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return f"float32 CPU tensors only, got {x.dtype} on {x.device}"
+    if x.numel() < QUANTIZE_MIN_NUMEL:
+        return f"for {QUANTIZE_MIN_NUMEL}+ elements (a C call costs more below), got {x.numel()}"
+    if x.requires_grad and torch.is_grad_enabled():
+        return "no autograd"
+    return _loadable()
+
+
+QUANTIZE_MIN_NUMEL = 1 << 16

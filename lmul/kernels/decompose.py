@@ -28,10 +28,11 @@ import torch
 
 from lmul.formats import quantize
 from lmul.kernels.common import fixup, spec_unsupported, split_normal
-from lmul.kernels.registry import describe
-from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
+from lmul.spec import LMulSpec
 
-__all__ = ["decompose_matmul", "MAX_BIT_MAN_BITS", "carry_table"]
+__all__ = ["decompose_matmul", "unavailable", "MAX_BIT_MAN_BITS", "carry_table", "DESCRIPTION"]
+
+DESCRIPTION = "torch matmuls of prepared operands, any device: formula (K x2), bit m<=4 (K x2^m), exact"
 
 MAX_BIT_MAN_BITS = 4  # bit mode expands K by 2^m
 
@@ -66,7 +67,7 @@ def _special(x: torch.Tensor, dim: int, top_binade: bool = False) -> torch.Tenso
     return bad.any(dim)
 
 
-def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torch.Tensor:
+def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
     """[B, M, K] x [B, K, N] -> [B, M, N] float32 by the decompositions above."""
     a = a.detach()
     b = b.detach()
@@ -97,7 +98,7 @@ def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec) -> torc
     return fixup(out, a, b, spec, rows, cols)
 
 
-def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
+def unavailable(a: torch.Tensor, spec: LMulSpec) -> Optional[str]:
     why = spec_unsupported(spec)
     if why:
         return why
@@ -106,8 +107,3 @@ def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
         return f"bit mode needs m <= {MAX_BIT_MAN_BITS} here (K grows by 2^m), {spec.fmt.name} has m={m}"
     return None
 
-
-register_backend("decompose", decompose_matmul, _unavailable)
-describe("decompose", "torch matmuls of prepared operands, any device: formula (K x2), bit m<=4 (K x2^m), exact",
-         lambda: None)
-AUTO_ORDER.insert(AUTO_ORDER.index("reference"), "decompose")

@@ -33,12 +33,11 @@ import torch
 
 from lmul.formats import quantize
 from lmul.kernels.common import spec_unsupported
-from lmul.kernels.registry import describe
-from lmul.matmul import AUTO_ORDER, MatmulSpec, register_backend
+from lmul.spec import MODE_CODES, LMulSpec
 
-__all__ = ["triton_matmul"]
+__all__ = ["triton_matmul", "machine", "unavailable", "DESCRIPTION"]
 
-_MODES = {"exact": 0, "bit": 1, "formula": 2}
+DESCRIPTION = "Triton GPU kernel: exact per-product L-Mul (bit/formula/exact, any m), float32 sums"
 
 
 @functools.cache
@@ -52,7 +51,7 @@ def _kernel():
     return triton.jit(lmul_kernel)
 
 
-def triton_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, block_m: int = 32, block_n: int = 32,
+def triton_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, block_m: int = 32, block_n: int = 32,
                   block_k: int = 8) -> torch.Tensor:
     """[B, M, K] x [B, K, N] -> [B, M, N] float32 with the kernel above (CUDA tensors, or CPU
     tensors under TRITON_INTERPRET=1)."""
@@ -66,12 +65,12 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, spec: MatmulSpec, block_m: i
     off = int(spec.offset * 2**23) if spec.mode != "exact" else 0
     grid = ((m + block_m - 1) // block_m, (n + block_n - 1) // block_n, bsz)
     _kernel()[grid](aq, bq, out, m, n, k, *aq.stride(), *bq.stride(), *out.stride(),
-                    MODE=_MODES[spec.mode], EMIN_FIELD=spec.fmt.emin + 127, OFFS=off,
+                    MODE=MODE_CODES[spec.mode], EMIN_FIELD=spec.fmt.emin + 127, OFFS=off,
                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 
-def _machine() -> Optional[str]:
+def machine() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'lmul[gpu]')"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -79,18 +78,14 @@ def _machine() -> Optional[str]:
     return None
 
 
-def _unavailable(a: torch.Tensor, spec: MatmulSpec) -> Optional[str]:
+def unavailable(a: torch.Tensor, spec: LMulSpec) -> Optional[str]:
     why = spec_unsupported(spec)
     if why:
         return why
-    why = _machine()
+    why = machine()
     if why:
         return why
     if a.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"operands are on {a.device}; the Triton kernel runs on CUDA (or in the interpreter)"
     return None
 
-
-register_backend("triton", triton_matmul, _unavailable)
-describe("triton", "Triton GPU kernel: exact per-product L-Mul (bit/formula/exact, any m), float32 sums", _machine)
-AUTO_ORDER.insert(AUTO_ORDER.index("reference"), "triton")  # after decompose (cuBLAS)

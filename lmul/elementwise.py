@@ -1,0 +1,149 @@
+"""The public elementwise operations on a chosen backend: :func:`mul` (L-Mul, paper Eq. 1-2) and
+:func:`quantize` (rounding into a format).
+
+:func:`mul` validates its arguments into an :class:`~lmul.spec.LMulSpec` and runs the
+``torch.library`` custom op ``lmul::mul`` (opaque to ``torch.compile``, a fake implementation for
+shapes, the straight-through gradient of :mod:`lmul.autograd`). The op picks a backend from
+:data:`lmul.kernels.BACKENDS` and computes the broadcast result a slice of at most :data:`MUL_CHUNK`
+elements at a time, so that its extra memory is a constant plus the output. The math is
+:func:`lmul.ops.products`; the contract is ``docs/semantics.md`` section 2.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Union
+
+import torch
+
+from lmul import autograd, kernels
+from lmul.formats import FormatLike, Overflow, Rounding, check_devices, check_float
+from lmul.formats import quantize as _quantize_formats
+from lmul.spec import LMulSpec, Mode, resolve_spec
+
+__all__ = ["mul", "quantize", "MUL_CHUNK"]
+
+MUL_CHUNK = 1 << 22  # result elements one backend call computes at most
+
+
+def _slices(shape: tuple, budget: int):
+    """Index tuples of leading-dim slices that tile ``shape`` in pieces of at most ``budget`` elements
+    (a dimension is split only where the dimensions after it already exceed the budget)."""
+    if not shape:
+        yield ()
+        return
+    inner = 1
+    for d in shape[1:]:
+        inner *= d
+    if inner <= budget or len(shape) == 1:
+        step = max(1, budget // max(inner, 1))
+        for i in range(0, shape[0], step):
+            yield (slice(i, min(shape[0], i + step)),)
+        return
+    for i in range(shape[0]):
+        for rest in _slices(shape[1:], budget):
+            yield (i, *rest)
+
+
+def _mul(x: torch.Tensor, y: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
+    shape = tuple(torch.broadcast_shapes(x.shape, y.shape))
+    entry = kernels.select("mul", x, spec)
+    n = 1
+    for d in shape:
+        n *= d
+    if n <= MUL_CHUNK:
+        return entry.fn(x, y, spec).reshape(shape)
+    out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    xb, yb = x.expand(shape), y.expand(shape)
+    for index in _slices(shape, MUL_CHUNK):
+        out[index] = entry.fn(xb[index], yb[index], spec)
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _spec_named(name: str) -> LMulSpec:
+    return LMulSpec.from_name(name)
+
+
+@torch.library.custom_op("lmul::mul", mutates_args=())
+def _mul_op(x: torch.Tensor, y: torch.Tensor, spec: str) -> torch.Tensor:
+    return _mul(x.detach(), y.detach(), _spec_named(spec)).contiguous()  # the fake impl's strides
+
+
+@_mul_op.register_fake
+def _(x: torch.Tensor, y: torch.Tensor, spec: str) -> torch.Tensor:
+    return x.new_empty(torch.broadcast_shapes(x.shape, y.shape), dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, y, spec = inputs
+    ctx.save_for_backward(x, y)
+    ctx.spec = _spec_named(spec)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, y = ctx.saved_tensors
+    gx, gy = autograd.mul_grads(grad, x, y, ctx.spec, ctx.needs_input_grad[:2])
+    return gx, gy, None
+
+
+_mul_op.register_autograd(_backward, setup_context=_setup)
+
+
+def mul(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fmt: Union[FormatLike, LMulSpec] = "bf16",
+    mode: Mode = "bit",
+    offset: Optional[float] = None,
+    rounding: Rounding = "rne",
+    *,
+    backend: str = "auto",
+    spec: Optional[LMulSpec] = None,
+) -> torch.Tensor:
+    """Elementwise L-Mul of ``x`` and ``y`` (broadcasting), returned as float32.
+
+    Both operands are first quantized to ``fmt`` (``rounding``, saturating overflow), then
+    multiplied per ``mode`` (:mod:`lmul.ops`): ``bit`` adds the exponent‖mantissa fields as
+    integers (paper Eq. 2, Figure 2), ``formula`` evaluates ``(1 + xm + ym + c) 2^(xe+ye)`` (Eq. 1),
+    ``exact`` is the ordinary product. ``offset`` overrides ``c = 2^-l(m)``; ``offset=0`` gives
+    Mitchell's logarithmic multiplier. The options may instead be given as one
+    :class:`~lmul.spec.LMulSpec` (``spec=``, or in place of ``fmt``).
+
+    >>> mul(torch.tensor(3.0), torch.tensor(4.0))  # (1.5 + 0 + 1/16) * 2^3
+    tensor(12.5000)
+    """
+    check_float(x, "x")
+    check_float(y, "y")
+    check_devices("mul", x, y)
+    if isinstance(fmt, LMulSpec):
+        spec, fmt = (fmt if spec is None else spec), "bf16"
+    if spec is not None and backend != "auto":  # backend= picks where a given spec runs
+        spec, backend = spec.replace(backend=backend), "auto"
+    spec = resolve_spec(spec, fmt=fmt, mode=mode, offset=offset, rounding=rounding, backend=backend)
+    try:
+        torch.broadcast_shapes(x.shape, y.shape)
+    except RuntimeError as err:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not broadcast") from err
+    if spec.backend != "auto":
+        kernels.select("mul", x, spec)  # a named backend that cannot run raises here, with its reason
+    return _mul_op(x, y, spec.name)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: FormatLike,
+    rounding: Rounding = "rne",
+    overflow: Overflow = "saturate",
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Round ``x`` to the nearest value of ``fmt`` and return it as float32 (:func:`lmul.formats.quantize`,
+    the contract and the torch implementation), on the fastest available backend for saturating
+    overflow (the compiled CPU quantizer for large float32 CPU tensors), else in torch ops."""
+    check_float(x, "x")
+    if overflow != "saturate":
+        return _quantize_formats(x, fmt, rounding, overflow)
+    spec = resolve_spec(fmt=fmt, rounding=rounding, mode="exact", backend=backend)
+    entry = kernels.select("quantize", x, spec)
+    return entry.fn(x, spec)

@@ -1,0 +1,308 @@
+"""Which multiply: :class:`LMulSpec`, the one resolved description of an L-Mul (or baseline) product.
+
+A spec says everything :func:`lmul.mul` and :func:`lmul.matmul` need besides the operands: the operand
+:class:`~lmul.formats.Format`, the mode (``bit``: paper Eq. 2 and Figure 2; ``formula``: Eq. 1 as real
+arithmetic; ``exact``: the ordinary product, the fp8/bf16 baselines), the offset ``c`` (resolved: the
+paper's ``2^-l(m)`` unless overridden), the operand rounding, the accumulator (``None`` = float32) and
+its block, and the backend (``"auto"`` or a name from :func:`lmul.backends`). It is frozen, validated
+once, and hashable; equal specs compute the same bits. ``docs/semantics.md`` is the contract.
+
+One vocabulary names specs everywhere (Python, every command's flags, result files):
+
+* a preset: :data:`PRESETS` (``"lmul"``, ``"e4m3"``, ``"lmul-k3"``, ...; the evaluation arms), or
+* a spec name ``<fmt>-<mode>[-c<offset>][-trunc][-acc<fmt>[x<block>]][-<backend>]``, as
+  :attr:`LMulSpec.name` writes it: ``"bf16-bit"``, ``"e8m3-bit-trunc"``, ``"e4m3-exact-acce4m3x16"``.
+
+:meth:`LMulSpec.from_name` reads both; ``LMulSpec.from_name(spec.name) == spec``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import numbers
+import re
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any, Literal, Optional, Union
+
+from lmul.formats import BF16, FP32, Format, FormatLike
+
+__all__ = ["LMulSpec", "MODES", "MODE_CODES", "ROUNDINGS", "PRESETS", "Mode", "offset_exponent", "resolve_offset",
+           "resolve_spec"]
+
+Mode = Literal["bit", "formula", "exact"]
+MODES: tuple[str, ...] = ("bit", "formula", "exact")
+MODE_CODES: dict[str, int] = {"bit": 0, "formula": 1, "exact": 2}  # the integer codes every compiled kernel uses
+ROUNDINGS: tuple[str, ...] = ("rne", "trunc")
+
+# The one preset table: name -> (LMulSpec keyword arguments, patch scope). The evaluation arms, the
+# `--arms` / `--preset` vocabulary and docs/patching.md's table all come from here.
+PRESETS: dict[str, tuple[dict, str]] = {
+    "exact": (dict(fmt="fp32", mode="exact"), "none"),                      # the unchanged model
+    "e4m3": (dict(fmt="e4m3", mode="exact"), "attention"),                  # paper's fp8 e4m3 attention
+    "e5m2": (dict(fmt="e5m2", mode="exact"), "attention"),                  # paper's fp8 e5m2 attention
+    "bf16": (dict(fmt="bf16", mode="exact"), "attention"),                  # bf16 attention baseline
+    "lmul": (dict(fmt="bf16", mode="bit"), "attention"),                    # paper's L-Mul attention
+    "lmul-k2": (dict(fmt="e8m2", mode="bit", rounding="trunc"), "attention"),  # Table 5, k = 2
+    "lmul-k3": (dict(fmt="e8m3", mode="bit", rounding="trunc"), "attention"),  # Table 5, k = 3
+    "lmul-k4": (dict(fmt="e8m4", mode="bit", rounding="trunc"), "attention"),  # Table 5, k = 4
+    "lmul-formula": (dict(fmt="bf16", mode="formula"), "attention"),        # Eq. 1 as real arithmetic
+    "mitchell": (dict(fmt="bf16", mode="bit", offset=0.0), "attention"),    # offset 0 (Mitchell 1962)
+    "lmul-all": (dict(fmt="bf16", mode="bit"), "all"),                      # Table 6: every multiply
+}
+
+
+def offset_exponent(m: int) -> int:
+    """The paper's offset exponent ``l(m)`` (Eq. 1): ``m`` for ``m <= 3``, 3 for ``m = 4``,
+    4 for ``m > 4``. The L-Mul offset is ``c = 2^-l(m)``."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"mantissa bits must be a non-negative int, got {m!r}")
+    return m if m <= 3 else (3 if m == 4 else 4)
+
+
+def _choice(what: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {what}={value!r}")
+    return value
+
+
+def _format(what: str, value: Any) -> Format:
+    try:
+        return Format.parse(value)
+    except (TypeError, ValueError) as err:  # the same class, naming the field
+        raise type(err)(f"{what}={value!r} is not a format: {err}") from err
+
+
+@dataclass(frozen=True)
+class LMulSpec:
+    """Which multiply, resolved: ``LMulSpec(fmt="e4m3", mode="formula")``.
+
+    Fields accept the usual spellings (a format name, a torch dtype or a :class:`Format`; ``acc``
+    ``"fp32"`` or ``None`` for float32 accumulation) and are stored resolved: ``fmt`` and ``acc`` as
+    :class:`Format` (``acc=None`` for float32), ``offset`` as the float ``c`` (``2^-l(m)`` when not
+    given; ``0 <= c < 1``, a multiple of ``2^-m`` in ``bit`` mode). ``acc_block``: products summed in
+    float32 per accumulator rounding (``docs/semantics.md`` section 4). Invalid fields raise
+    ``ValueError`` naming the field and what is allowed.
+    """
+
+    fmt: Format = field(default=BF16, metadata=dict(help="operand format: e4m3, e5m2, bf16, fp16, fp32 or eXmY"))
+    mode: str = field(default="bit", metadata=dict(help="bit (paper Eq. 2), formula (Eq. 1) or exact (baselines)",
+                                                   choices=MODES))
+    offset: Optional[float] = field(default=None, metadata=dict(help="L-Mul offset c (default 2^-l(m); 0: Mitchell)"))
+    rounding: str = field(default="rne", metadata=dict(help="operand rounding", choices=ROUNDINGS))
+    acc: Optional[Format] = field(default=None, metadata=dict(help="L-Matmul accumulation format (default fp32)"))
+    acc_block: int = field(default=1, metadata=dict(help="products summed in float32 per accumulator rounding"))
+    backend: str = field(default="auto", metadata=dict(help="backend name, or auto (see `lmul.backends()`)"))
+
+    def __post_init__(self) -> None:
+        fmt = _format("fmt", self.fmt)
+        mode = _choice("mode", self.mode, MODES)
+        rounding = _choice("rounding", self.rounding, ROUNDINGS)
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("fmt", fmt)
+        if mode == "exact" and self.offset is not None:
+            raise ValueError(f"offset={self.offset!r} has no effect with mode='exact'; leave it None")
+        set_("offset", _resolve_offset(fmt, mode, self.offset))
+        acc = None if self.acc is None else _format("acc", self.acc)
+        set_("acc", None if acc == FP32 else acc)
+        if isinstance(self.acc_block, bool) or not isinstance(self.acc_block, numbers.Integral) or self.acc_block < 1:
+            raise ValueError(f"acc_block must be a positive int, got acc_block={self.acc_block!r}")
+        set_("acc_block", int(self.acc_block))
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"backend must be a backend name or 'auto', got backend={self.backend!r}")
+        set_("_name", self._make_name())  # precomputed: the custom ops take the spec by name
+        del mode, rounding
+
+    # -- names ------------------------------------------------------------------------------
+    @property
+    def acc_name(self) -> str:
+        return "fp32" if self.acc is None else self.acc.name
+
+    @property
+    def default_offset(self) -> bool:
+        return self.offset == 2.0 ** -offset_exponent(self.fmt.man_bits)
+
+    @property
+    def name(self) -> str:
+        """``<fmt>-<mode>[-c<offset>][-trunc][-acc<fmt>[x<block>]][-<backend>]``; the offset part
+        only when it is not the paper's default and the mode is not exact."""
+        return self._name
+
+    def _make_name(self) -> str:
+        parts = [self.fmt.name, self.mode]
+        if self.mode != "exact" and not self.default_offset:
+            parts.append("c" + repr(self.offset).replace("e-", "em"))  # 1e-07 -> c1em07 ('-' separates parts)
+        if self.rounding != "rne":
+            parts.append(self.rounding)
+        if self.acc is not None or self.acc_block != 1:
+            parts.append(f"acc{self.acc_name}" + (f"x{self.acc_block}" if self.acc_block != 1 else ""))
+        if self.backend != "auto":
+            parts.append(self.backend)
+        return "-".join(parts)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able fields (formats by name), for result files."""
+        return dict(name=self.name, fmt=self.fmt.name, mode=self.mode, offset=self.offset, rounding=self.rounding,
+                    acc=self.acc_name, acc_block=self.acc_block, backend=self.backend)
+
+    def replace(self, **changes) -> LMulSpec:
+        """A copy with some fields changed (validated again). Changing ``fmt`` or ``mode`` of a spec
+        with the default offset keeps the *default* offset of the new format."""
+        if ("fmt" in changes or "mode" in changes) and "offset" not in changes and self.default_offset:
+            changes["offset"] = None
+        if changes.get("mode", self.mode) == "exact" and "offset" not in changes:
+            changes["offset"] = None
+        return dataclasses.replace(self, **changes)
+
+    # -- the one parser -----------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: Union[str, LMulSpec], **overrides) -> LMulSpec:
+        """A spec from a preset name (:data:`PRESETS`) or a spec name (:attr:`name`), with optional
+        field overrides: ``from_name("lmul")``, ``from_name("e8m3-bit-trunc")``,
+        ``from_name("e4m3", acc="e4m3")``."""
+        if isinstance(name, LMulSpec):
+            return name.replace(**overrides) if overrides else name
+        if not isinstance(name, str):
+            raise TypeError(f"a spec name is a string, got {type(name).__name__}")
+        key = name.strip()
+        if key in PRESETS:
+            return cls(**{**PRESETS[key][0], **overrides})
+        return cls(**{**_parse_name(key), **overrides})
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "") -> None:
+        """Add ``--<prefix>spec`` (a preset or spec name) and one ``--<prefix><field>`` option per field,
+        help texts and choices from the field metadata, defaults ``None`` (see :meth:`from_arguments`)."""
+        parser.add_argument(f"--{prefix}spec", dest=f"{_dest(prefix)}spec", default=None, metavar="NAME",
+                            help=f"a preset ({', '.join(PRESETS)}) or spec name such as e8m3-bit-trunc; "
+                                 "the other options refine it")
+        for f in fields(cls):
+            kind = {"offset": float, "acc_block": int}.get(f.name, str)
+            parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{_dest(prefix)}{f.name}", type=kind,
+                                default=None, choices=f.metadata.get("choices"),
+                                help=f"{f.metadata['help']} (default: {_shown(f.default)})")
+
+    @classmethod
+    def from_arguments(cls, namespace: argparse.Namespace, prefix: str = "") -> LMulSpec:
+        """The spec that :meth:`add_arguments` options describe (unset options keep the default)."""
+        p = _dest(prefix)
+        given = {f.name: getattr(namespace, p + f.name) for f in fields(cls)}
+        given = {k: v for k, v in given.items() if v is not None}
+        name = getattr(namespace, p + "spec", None)
+        return cls.from_name(name, **given) if name else cls(**given)
+
+
+def _dest(prefix: str) -> str:
+    return prefix.replace("-", "_")
+
+
+def _shown(value: Any) -> str:
+    return value.name if isinstance(value, Format) else repr(value)
+
+
+def resolve_offset(fmt: FormatLike, mode: str = "bit", offset: Optional[float] = None) -> float:
+    """The offset ``c`` used for ``fmt``: ``2^-l(m)`` unless ``offset`` overrides it.
+
+    ``offset`` must be finite with ``0 <= offset < 1``; in ``bit`` mode ``offset 2^m`` must be an
+    integer (the offset is added to the m-bit mantissa field)."""
+    return _resolve_offset(_format("fmt", fmt), _choice("mode", mode, MODES), offset)
+
+
+def _resolve_offset(fmt: Format, mode: str, offset: Any) -> float:
+    if offset is None:
+        return 2.0 ** -offset_exponent(fmt.man_bits)
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+        raise ValueError(f"offset must be a number (or None for 2^-l(m)), got offset={offset!r}")
+    offset = float(offset)
+    if not math.isfinite(offset) or not 0.0 <= offset < 1.0:
+        raise ValueError(f"offset must be a finite number with 0 <= offset < 1, got offset={offset!r}")
+    scaled = offset * 2**fmt.man_bits
+    if mode == "bit" and scaled != int(scaled):
+        raise ValueError(
+            f"offset {offset!r} is not a multiple of 2^-{fmt.man_bits}: in bit mode the offset is "
+            f"added to the {fmt.man_bits}-bit mantissa field of {fmt.name}"
+        )
+    return offset
+
+
+_NAME = re.compile(r"(?P<fmt>[a-z0-9]+)-(?P<mode>bit|formula|exact)(?P<rest>(-[a-z0-9.+_]+)*)")
+
+
+def _parse_name(name: str) -> dict:
+    match = _NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(
+            f"unknown spec {name!r}: use a preset ({', '.join(PRESETS)}) or <fmt>-<mode>[-c<offset>][-trunc]"
+            "[-acc<fmt>[x<block>]][-<backend>], e.g. bf16-bit, e8m3-bit-trunc, e4m3-exact-acce4m3x16"
+        )
+    out: dict[str, Any] = dict(fmt=match["fmt"], mode=match["mode"])
+    parts = [p for p in match["rest"].split("-") if p]
+    for i, part in enumerate(parts):
+        if part in ROUNDINGS:
+            out["rounding"] = part
+        elif re.fullmatch(r"c[0-9.em+]+", part):
+            try:
+                out["offset"] = float(part[1:].replace("em", "e-"))
+            except ValueError as err:
+                raise ValueError(f"spec {name!r}: offset part {part!r} is not a number") from err
+        elif part.startswith("acc"):
+            acc = re.fullmatch(r"acc([a-z0-9]+?)(?:x(\d+))?", part)
+            if acc is None:
+                raise ValueError(f"spec {name!r}: accumulator part {part!r} is not acc<fmt>[x<block>]")
+            out["acc"], out["acc_block"] = acc[1], int(acc[2] or 1)
+        else:  # the backend name is the rest (it may contain '-')
+            out["backend"] = "-".join(parts[i:])
+            break
+    return out
+
+
+@lru_cache(maxsize=4096, typed=True)
+def _cached(fmt: FormatLike, mode: str, offset: Optional[float], rounding: str, acc: Any, acc_block: int,
+            backend: str) -> LMulSpec:
+    return LMulSpec(fmt, mode, offset, rounding, acc, acc_block, backend)
+
+
+def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
+    """The spec of a call of :func:`lmul.mul` / :func:`lmul.matmul`: ``spec`` itself, or one built from
+    the keyword ``options`` (cached, so building it per call costs a dictionary look-up). Passing both
+    a spec and options that differ from the defaults is an error."""
+    if spec is not None:
+        if not isinstance(spec, LMulSpec):
+            raise TypeError(f"spec must be an LMulSpec, got {type(spec).__name__}")
+        if all(type(v) is type(d) and v == d for k, v in options.items() for d in [_CALL_DEFAULTS.get(k, _MISSING)]):
+            return spec  # the common case, cheap (and traceable by torch.compile)
+        defaults = {f.name: f.default for f in fields(LMulSpec)}
+        clash = {k: v for k, v in options.items() if not _same(v, defaults.get(k))}
+        if clash:
+            raise ValueError(f"got spec={spec.name!r} and the options {clash}: pass one or the other "
+                             "(or spec.replace(...))")
+        return spec
+    full = {f.name: f.default for f in fields(LMulSpec)}
+    full.update(options)
+    try:
+        return _cached(full["fmt"], full["mode"], full["offset"], full["rounding"], full["acc"], full["acc_block"],
+                       full["backend"])
+    except TypeError:  # an unhashable option (a list ...): validate it uncached, for the error message
+        return LMulSpec(**full)
+
+
+_MISSING = object()
+# the default values of lmul.mul / lmul.matmul's keyword options, as the functions spell them
+_CALL_DEFAULTS = {"fmt": "bf16", "mode": "bit", "offset": None, "rounding": "rne", "acc": "fp32", "backend": "auto",
+                  "acc_block": 1}
+
+
+def _same(value: Any, default: Any) -> bool:
+    if value is None or default is None:
+        return value is default or (value in ("fp32",) and default is None)
+    if isinstance(default, Format):
+        try:
+            return Format.parse(value) == default
+        except (TypeError, ValueError):
+            return False
+    return value == default
