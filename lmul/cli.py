@@ -102,6 +102,20 @@ def device_arg(text: str) -> str:
     return text
 
 
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a file or lies under one (CliError)."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{flag} {out} is a file; give a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CliError(f"{flag} {out}: {parent} is a file, so no folder can be made under it")
+            break
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmul import __version__
 

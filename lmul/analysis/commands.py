@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lmul.cli import CliError, float_arg, int_arg
+from lmul.cli import CliError, check_out_dir, float_arg, int_arg
 
 __all__ = ["register"]
 
@@ -21,6 +21,7 @@ def _layers(text: str) -> tuple[int, ...]:
 def _run_analyze(args: argparse.Namespace) -> int:
     from lmul.analysis.report import AnalyzeConfig, run_analysis
 
+    check_out_dir(args.out)
     try:
         cfg = AnalyzeConfig(out=args.out, seed=args.seed, max_bits=args.max_bits, n_pairs=args.n_pairs,
                             operands=args.operands, model=args.model, prompts=args.prompts,
@@ -35,9 +36,16 @@ def _run_energy(args: argparse.Namespace) -> int:
     from lmul.analysis.energy import energy_markdown, energy_report, model_shape
     from lmul.analysis.plots import plot_energy
 
+    if args.out:
+        check_out_dir(args.out)
     try:
-        rep = energy_report(model_shape(args.model), args.seq, args.scope, args.batch, args.dram_pj_per_byte,
-                            args.past)
+        shape = model_shape(args.model)
+    except (ValueError, OSError, TypeError) as err:  # not a config.json / model folder
+        msg = str(err) or type(err).__name__
+        raise CliError(msg if msg.startswith("--model") else f"--model {args.model!r}: {msg}; give 'smollm2', "
+                       f"a config.json or a model folder holding one") from None
+    try:
+        rep = energy_report(shape, args.seq, args.scope, args.batch, args.dram_pj_per_byte, args.past)
     except ValueError as err:
         raise CliError(str(err)) from None
     text = energy_markdown(rep)
