@@ -64,6 +64,14 @@ def fx(tmp_path, monkeypatch):
     (tmp_path / "garbage" / "results.json").write_text("\x00\x01 garbage {[")
     (tmp_path / "wrongshape").mkdir()
     (tmp_path / "wrongshape" / "results.json").write_text('{"what": 1}\n')
+    from dataclasses import asdict
+
+    from lmul.eval.run import EvalConfig
+
+    (tmp_path / "badpart" / "parts").mkdir(parents=True)  # a run folder with one damaged part
+    (tmp_path / "badpart" / "config.json").write_text(json.dumps(
+        {"config": asdict(EvalConfig(tasks=("piqa",), arms=("exact",)))}))
+    (tmp_path / "badpart" / "parts" / "acc__exact__piqa.json").write_text('{"arm": "exact", "items": [')
     gg = write_gguf(tmp_path / "model.gguf")
     truncate(_copy(gg, tmp_path / "cut.gguf"), 300)
     (tmp_path / "twogguf").mkdir()
@@ -75,9 +83,9 @@ def fx(tmp_path, monkeypatch):
     else:
         (tmp_path / "ro").mkdir(mode=0o555)
         unwritable = tmp_path / "ro" / "out"
-    return {"tmp": str(tmp_path), "unwritable": str(unwritable or ""), **{
-        k: str(tmp_path / k) for k in ("afile", "empty", "hfdir", "badcfg", "notrun", "garbage", "wrongshape",
-                                      "twogguf")}, "cut": str(tmp_path / "cut.gguf"), "out": str(tmp_path / "run")}
+    names = ("afile", "empty", "hfdir", "badcfg", "notrun", "garbage", "wrongshape", "twogguf", "badpart")
+    return {"tmp": str(tmp_path), "unwritable": str(unwritable or ""), **{k: str(tmp_path / k) for k in names},
+            "cut": str(tmp_path / "cut.gguf"), "out": str(tmp_path / "run")}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -139,6 +147,7 @@ CASES = [
     # report
     (["report", "{garbage}", "--from-json"], ["garbage/results.json is not a valid JSON file"]),
     (["report", "{badcfg}"], ["not a run folder"]),
+    (["report", "{badpart}"], ["parts/acc__exact__piqa.json is not a valid JSON file", "delete or restore it"]),
     (["report", "{wrongshape}", "--from-json"], ["does not hold lmul results"]),
     (["report", "{afile}"], ["afile' is a file; give a run folder"]),
     (["report", "{tmp}/missing"], ["missing' is missing; give a run folder"]),
