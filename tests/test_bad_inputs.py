@@ -203,6 +203,15 @@ def test_bad_model_leaves_no_out_folder(fx, capsys):
     assert code == 2 and not Path(fx["out"]).exists()
 
 
+def test_unloadable_model_folder_names_the_flag(fx):
+    from lmul.eval import models
+
+    with pytest.raises(models.ModelError, match=r"^--model '.*hfdir': transformers cannot load it: "):
+        models.load(fx["hfdir"])  # a config.json of nothing: resolves, then transformers refuses it
+    with pytest.raises(ValueError, match="--device 'meta': cannot run a model"):
+        models.load(fx["hfdir"], device="meta")  # the device is checked first
+
+
 # --- fetched assets: truncated / corrupt copies and failing downloads -----------------------------
 
 def _fake_smollm2_home(home: Path, gguf_src: Path, manifest: bool) -> Path:

@@ -132,7 +132,8 @@ def load(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, all
         tok = AutoTokenizer.from_pretrained(r.src, **r.kwargs)
         model = AutoModelForCausalLM.from_pretrained(r.src, dtype=dtype, **r.kwargs)
     except (OSError, ValueError, KeyError) as e:  # transformers' "cannot load": unsupported or damaged files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"--model {name!r}: transformers cannot load it: {first}") from e
+        why = " ".join(str(e).split()) or type(e).__name__
+        why = why if len(why) <= 300 else why[:297] + "..."
+        raise ModelError(f"--model {name!r}: transformers cannot load it: {why}") from e
     model.to(device).eval()
     return model, tok, r.desc
