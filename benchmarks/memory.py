@@ -14,12 +14,10 @@ output. Results go to the ``memory`` section of ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 CASES = {  # name: (description, operands builder source, lmul call, torch call)
@@ -100,13 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        import torch
-
         from lmul.bench import machine_line
         from lmul.files import replace_section
 
-        head = (f"Machine: {machine_line('cpu')}, {args.threads} threads, {platform.python_version()}, "
-                f"torch {torch.__version__}, {datetime.date.today().isoformat()}. Command: "
+        head = (f"Machine: {machine_line('cpu')}, Python {platform.python_version()}. Command: "
                 f"`python benchmarks/memory.py --threads {args.threads}`. Extra peak = VmHWM during the one call "
                 "minus VmRSS before it (output included), fresh process per row, after a warm-up call.")
         replace_section(Path(args.out), "memory", "Memory: peak extra RSS against torch", head + "\n\n" + table)
@@ -115,5 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    time.sleep(0)
     sys.exit(main())

@@ -19,6 +19,7 @@ import torch
 from lmul import autograd, kernels
 from lmul.formats import FormatLike, Overflow, Rounding, check_devices, check_float
 from lmul.formats import quantize as _quantize_formats
+from lmul.matmul import _eager
 from lmul.spec import LMulSpec, Mode, resolve_spec
 
 __all__ = ["mul", "quantize", "MUL_CHUNK"]
@@ -127,6 +128,8 @@ def mul(
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not broadcast") from err
     if spec.backend != "auto":
         kernels.select("mul", x, spec)  # a named backend that cannot run raises here, with its reason
+    if _eager(x, y):  # the op's own implementation, without the custom-op dispatch
+        return _mul(x, y, spec).contiguous()
     return _mul_op(x, y, spec.name)
 
 

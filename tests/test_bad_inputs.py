@@ -180,6 +180,7 @@ CASES = [
     (["rtl", "--unit", "lmul", "--rounding", "rne"], ["--rounding/--flush-subnormals apply to --unit fpmul only"]),
     (["rtl", "--unit", "fpmul", "--offset", "0.5"], ["--offset applies to --unit lmul only"]),
     (["rtl", "--fmt", "e99m1"], ["exp_bits"]),
+    (["rtl", "--spec", "e4m3-formula"], ["spec 'e4m3-formula': formula mode has no RTL unit"]),
     (["demo", "--n", "0"], ["argument --n: must be a positive integer"]),
     (["nope"], ["argument COMMAND: invalid choice: 'nope'"]),
 ]

@@ -320,3 +320,13 @@ def test_cli_writes_verilog(tmp_path, capsys):
     assert "output e[7]" in capsys.readouterr().out
     assert main(["rtl", "--unit", "lmul", "--rounding", "rne"]) == 2  # a bad invocation: one line, status 2
     assert "fpmul only" in capsys.readouterr().err
+
+
+def test_unit_from_the_spec_vocabulary():
+    assert UnitSpec.from_spec("e4m3-bit") == UnitSpec.make("e4m3", "lmul")
+    assert UnitSpec.from_spec("lmul") == UnitSpec.make("bf16", "lmul")
+    assert UnitSpec.from_spec("e5m2-bit-c0.0") == UnitSpec.make("e5m2", "lmul", offset=0.0)
+    assert UnitSpec.from_spec("e5m2") == UnitSpec.make("e5m2", "fpmul", rounding="exact")
+    for bad in ("e4m3-formula", "e4m3-bit-acce4m3"):
+        with pytest.raises(ValueError, match=bad):
+            UnitSpec.from_spec(bad)

@@ -20,6 +20,8 @@ from lmul.hw.rtl import UNITS, UnitSpec, verilog
 
 
 def _spec(args: argparse.Namespace) -> UnitSpec:
+    if args.spec:
+        return UnitSpec.from_spec(args.spec)
     if args.unit == "lmul":
         if args.rounding != "exact" or args.flush_subnormals:
             raise CliError("--rounding/--flush-subnormals apply to --unit fpmul only")
@@ -101,6 +103,10 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rtl", help="Verilog for an L-Mul unit or an FP multiplier; simulate, synthesise",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default=None, metavar="NAME",
+                   help="the multiply as every command names it (lmul.LMulSpec: e4m3-bit, bf16-bit-c0.0, "
+                        "e5m2-exact, a preset such as lmul): bit -> the L-Mul unit, exact -> the multiplier; "
+                        "replaces --fmt/--unit/--offset")
     p.add_argument("--fmt", default="e4m3", help="operand format: e4m3, e5m2, bf16, fp16, fp32 or eXmY")
     p.add_argument("--unit", default="lmul", choices=UNITS, help="L-Mul unit or IEEE-style multiplier")
     p.add_argument("--offset", type=float, default=None, help="lmul: override c = 2^-l(m) (as lmul.mul)")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from lmul.formats import Format, FormatLike
-from lmul.spec import resolve_offset
+from lmul.spec import LMulSpec, resolve_offset
 
 __all__ = ["Unit", "UNITS", "UnitSpec", "verilog"]
 
@@ -81,6 +81,21 @@ class UnitSpec:
     @classmethod
     def make(cls, fmt: FormatLike, unit: Unit = "lmul", **options) -> UnitSpec:
         return cls(Format.parse(fmt), unit, **options)
+
+    @classmethod
+    def from_spec(cls, spec: LMulSpec | str) -> UnitSpec:
+        """The unit that computes an :class:`~lmul.spec.LMulSpec`'s products (a spec or its name, as
+        every command spells them): ``bit`` mode is the L-Mul unit (the paper's Figure 2 adder),
+        ``exact`` mode the multiplier delivering the exact product. Formula mode has no circuit
+        (Eq. 1 as real arithmetic is what the bit-mode adder approximates)."""
+        spec = LMulSpec.from_name(spec) if isinstance(spec, str) else spec
+        if spec.mode == "formula":
+            raise ValueError(f"spec {spec.name!r}: formula mode has no RTL unit; use bit (the L-Mul adder) or exact")
+        if spec.acc is not None or spec.acc_block != 1:
+            raise ValueError(f"spec {spec.name!r}: a unit computes one product; the accumulator is the MAC lane's")
+        if spec.mode == "bit":
+            return cls(spec.fmt, "lmul", offset=None if spec.default_offset else spec.offset)
+        return cls(spec.fmt, "fpmul", rounding="exact")
 
     # -- operand facts ------------------------------------------------------------------------
     @property
