@@ -242,26 +242,85 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _int_list(flag: str, lo: int = 1) -> Callable[[str], str]:
+    """argparse type: comma-separated integers >= ``lo`` (the text is kept, ``_ints`` reads it)."""
+    def parse(text: str) -> str:
+        try:
+            vals = _ints(text)
+        except ValueError:
+            vals = []
+        if not vals or min(vals) < lo:
+            raise argparse.ArgumentTypeError(f"takes comma-separated integers >= {lo}, e.g. 512,1024; got {text!r}")
+        return text
+    return parse
+
+
+def _configs_arg(text: str) -> str:
+    """argparse type: comma-separated names :meth:`lmul.spec.LMulSpec.from_name` takes."""
+    names = [c for c in text.split(",") if c]
+    if not names:
+        raise argparse.ArgumentTypeError(f"takes spec or preset names, e.g. bf16-bit,e4m3-formula; got {text!r}")
+    for c in names:
+        try:
+            LMulSpec.from_name(c)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"{c!r}: {e}") from None
+    return text
+
+
+def _backends_arg(text: str) -> str:
+    """argparse type: 'auto' and/or matmul backend names of :data:`lmul.kernels.BACKENDS`
+    (whether one can run a case is checked per case, which is skipped with the reason)."""
+    names = [b for b in text.split(",") if b]
+    valid = ["auto", *dict.fromkeys(b.name for b in kernels.BACKENDS if b.op == "matmul")]
+    bad = [b for b in names if b not in valid]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {bad or [text]}; valid: {', '.join(valid)}")
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--sizes", default="512,1024,2048", help="square sizes (CPU default caps at 2048)")
-    p.add_argument("--seqs", default="512,1024", help="attention sequence lengths")
-    p.add_argument("--head-dims", default="64,128", help="attention head dims")
-    p.add_argument("--heads", type=int, default=8, help="batch*heads of the attention cases")
-    p.add_argument("--configs", default=",".join(TARGETS),
+    from lmul.cli import device_arg, float_arg, int_arg
+
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda")
+    p.add_argument("--sizes", type=_int_list("--sizes"), default="512,1024,2048",
+                   help="square sizes (CPU default caps at 2048)")
+    p.add_argument("--seqs", type=_int_list("--seqs"), default="512,1024", help="attention sequence lengths")
+    p.add_argument("--head-dims", type=_int_list("--head-dims"), default="64,128", help="attention head dims")
+    p.add_argument("--heads", type=int_arg(1), default=8, help="batch*heads of the attention cases")
+    p.add_argument("--configs", type=_configs_arg, default=",".join(TARGETS),
                    help="spec or preset names (lmul.LMulSpec.from_name: bf16-bit, e4m3-formula, lmul-k3, ...), "
                         "comma separated")
-    p.add_argument("--backends", default="auto", help="'auto' and/or backend names, comma separated")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repeats (best time kept)")
-    p.add_argument("--min-time", type=float, default=1.0,
+    p.add_argument("--backends", type=_backends_arg, default="auto",
+                   help="'auto' and/or matmul backend names (reference, cpu, decompose, triton), comma separated")
+    p.add_argument("--reps", type=int_arg(1), default=3, help="interleaved repeats (best time kept)")
+    p.add_argument("--min-time", type=float_arg(0.0), default=1.0,
                    help="keep repeating (up to 4x reps) until this many seconds per case have passed")
-    p.add_argument("--naive-size", type=int, default=128, help="size of the naive emulation row (0: skip)")
+    p.add_argument("--naive-size", type=int_arg(0), default=128, help="size of the naive emulation row (0: skip)")
     p.add_argument("--out", default="benchmarks/RESULTS.md", help="results file ('' to skip writing)")
-    p.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: torch default)")
+    p.add_argument("--threads", type=int_arg(0), default=0, help="torch/OpenMP threads (0: torch default)")
     p.add_argument("--section", default="cpu", help="key of the RESULTS.md section this run replaces")
 
 
+def _check_out(text: str) -> None:
+    """Refuse an --out that cannot be written, before the (minutes of) timing."""
+    from lmul.cli import CliError
+
+    out = Path(text)
+    if out.is_dir():
+        raise CliError(f"--out {text} is a folder; give a Markdown file (or '' to skip writing)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CliError(f"--out {text}: {parent} is a file, so no file can be made under it")
+            if not os.access(parent, os.W_OK):
+                raise CliError(f"--out {text}: {parent} is not writable")
+            break
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.out:
+        _check_out(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = [LMulSpec.from_name(c) for c in args.configs.split(",") if c]

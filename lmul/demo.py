@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lmul.cli import int_arg
+
     p = sub.add_parser("demo", help="print the golden table and an error summary")
-    p.add_argument("--n", type=int, default=1_000_000, help="operand pairs for the error summary")
+    p.add_argument("--n", type=int_arg(1), default=1_000_000, help="operand pairs for the error summary")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=run)

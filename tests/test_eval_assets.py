@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import zipfile
 
 import pytest
@@ -32,7 +33,10 @@ def test_extract_keeps_only_members(tmp_path):
     d = assets.extract(a, w, home)
     assert d == home / "fake-pkg-1.0" and assets.is_fetched(a, home)
     got = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-    assert got == [".complete", "pkg/keep/a.arrow", "pkg/keep/b/c.json", "pkg/one.bin"]
+    assert got == [".complete", ".manifest.json", "pkg/keep/a.arrow", "pkg/keep/b/c.json", "pkg/one.bin"]
+    manifest = json.loads((d / ".manifest.json").read_text())["files"]
+    assert manifest == {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+                        for n, b in (("pkg/keep/a.arrow", b"A"), ("pkg/keep/b/c.json", b"C"), ("pkg/one.bin", b"1"))}
 
 
 def test_sha_mismatch_refuses_and_leaves_nothing(tmp_path):
@@ -91,7 +95,9 @@ def test_assemble_concatenates_in_order(tmp_path):
     path = assets.assemble(c, wheels, tmp_path / "home")
     assert path == tmp_path / "home" / "fake-model" / "f.bin"
     assert path.read_bytes() == b"".join(chunks)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]  # no temporary left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == [".manifest.json", "f.bin"]  # no temporary left
+    assert json.loads((path.parent / ".manifest.json").read_text())["files"] == {
+        "f.bin": {"size": len(b"".join(chunks)), "sha256": hashlib.sha256(b"".join(chunks)).hexdigest()}}
 
 
 def test_assemble_refuses_wrong_order_bad_chunk_or_count(tmp_path):
@@ -118,3 +124,123 @@ def test_gemma_pins():
     for i, p in enumerate(c.parts):
         assert p.wheel.startswith(p.package.replace("-", "_") + "-" + p.version)
         assert p.members[0].endswith(f".part{i:02d}") and len(p.sha256) == 64
+
+
+# --- verification before use -------------------------------------------------------------------
+
+def _fetched(tmp_path, data: bytes = b"0123456789" * 100):
+    w = _wheel(tmp_path / "fake.whl", {"pkg/keep/a.arrow": b"A", "pkg/one.bin": data})
+    a = _asset(w)
+    home = tmp_path / "home"
+    assets.extract(a, w, home)
+    return a, w, home
+
+
+def test_intact_asset_passes_and_truncation_is_named(tmp_path):
+    a, _, home = _fetched(tmp_path)
+    assert assets.require(a, home, allow_fetch=False) == home / "fake-pkg-1.0"
+    assert assets.fetch_status(a, home) == "intact"
+    f = home / "fake-pkg-1.0" / "pkg" / "one.bin"
+    f.write_bytes(f.read_bytes()[:-1])
+    with pytest.raises(assets.AssetCorrupt, match=r"one.bin has 999 bytes, 1000 were fetched; run `lmul fetch "
+                                                  r"--force`"):
+        assets.require(a, home, allow_fetch=False)
+    assert assets.fetch_status(a, home).startswith("damaged: ")
+
+
+def test_same_size_change_is_caught_by_sha256(tmp_path):
+    a, _, home = _fetched(tmp_path)
+    f = home / "fake-pkg-1.0" / "pkg" / "one.bin"
+    f.write_bytes(b"X" + f.read_bytes()[1:])
+    with pytest.raises(assets.AssetCorrupt, match="another sha256"):
+        assets.check(a, home)
+
+
+def test_deleted_file_and_broken_manifest(tmp_path):
+    a, _, home = _fetched(tmp_path)
+    (home / "fake-pkg-1.0" / "pkg" / "keep" / "a.arrow").unlink()
+    with pytest.raises(assets.AssetCorrupt, match="a.arrow is missing"):
+        assets.check(a, home)
+    (home / "fake-pkg-1.0" / ".manifest.json").write_text("{")
+    with pytest.raises(assets.AssetCorrupt, match="manifest.json is unreadable"):
+        assets.check(a, home)
+
+
+def test_fetch_replaces_a_damaged_copy(tmp_path, monkeypatch):
+    a, w, home = _fetched(tmp_path)
+    f = home / "fake-pkg-1.0" / "pkg" / "one.bin"
+    f.write_bytes(b"short")
+    calls = []
+    monkeypatch.setattr(assets, "_download", lambda asset, folder, quiet: calls.append(asset.name) or w)
+    assets.fetch(a, home)
+    assert calls == ["fake"] and f.read_bytes() == b"0123456789" * 100
+    assets.fetch(a, home)  # intact now: no download
+    assert calls == ["fake"]
+
+
+def test_chunked_copy_without_manifest_is_hashed_once_then_recorded(tmp_path):
+    c, wheels = _chunked(tmp_path, [b"one", b"two"])
+    home = tmp_path / "home"
+    path = assets.assemble(c, wheels, home)
+    (path.parent / ".manifest.json").unlink()  # as assembled before manifests existed
+    assert assets.chunked_status(c, home) == "intact" and (path.parent / ".manifest.json").is_file()
+    path.write_bytes(b"onetwX")
+    (path.parent / ".manifest.json").unlink()
+    with pytest.raises(assets.AssetCorrupt, match="published sha256.*lmul fetch fake-model --force"):
+        assets.check_chunked(c, home)
+
+
+def _gguf(path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_token_list(["a", "bb", "ccc"])
+    w.add_array("lmul.ints", [1, 2, 3])
+    w.add_string("lmul.name", "tiny")
+    w.add_tensor("t1", np.arange(64, dtype=np.float32).reshape(8, 8))  # 256 bytes
+    w.add_tensor("t2", np.ones((3, 5), dtype=np.float16))  # 30 bytes, after t1 padded to 32
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_check_gguf_against_the_tensor_data(tmp_path):
+    import gguf
+
+    path = _gguf(tmp_path / "m.gguf")
+    assets.check_gguf(path)
+    data = path.read_bytes()
+    start = gguf.GGUFReader(str(path)).data_offset  # the gguf package's own reader as the oracle
+    need = start + 256 + 30
+    assert len(data) >= need
+    for keep in (need - 1, start + 100, start):
+        cut = tmp_path / f"cut{keep}.gguf"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(ValueError, match=f"is truncated: {keep} bytes, its tensors need {need}"):
+            assets.check_gguf(cut)
+    for keep in (100, 30, 3):  # inside the key/value metadata, the counts, the magic
+        cut = tmp_path / f"cut{keep}.gguf"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(ValueError, match="truncated inside its header|not a GGUF"):
+            assets.check_gguf(cut)
+    ok = tmp_path / "exact.gguf"
+    ok.write_bytes(data[:need])  # the padding after the last tensor is not needed
+    assets.check_gguf(ok)
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ValueError, match="no GGUF magic"):
+        assets.check_gguf(tmp_path / "x.gguf")
+
+
+def test_status_of_a_copy_fetched_before_manifests(tmp_path):
+    a, _, home = _fetched(tmp_path)
+    d = home / "fake-pkg-1.0"
+    (d / ".manifest.json").unlink()
+    assert assets.fetch_status(a, home) == "unverified"
+    g = _gguf(d / "pkg" / "m.gguf")
+    assert assets.fetch_status(a, home) == "unverified"
+    g.write_bytes(g.read_bytes()[:-40])
+    assert assets.fetch_status(a, home).startswith("damaged: ") and "m.gguf is truncated" in \
+        assets.fetch_status(a, home)

@@ -20,7 +20,7 @@ def test_eval_rejects_bad_limit(capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--limit", "-3"])
     assert e.value.code == 2
-    assert "--limit must be a positive integer" in capsys.readouterr().err
+    assert "argument --limit: must be a positive integer or 'all'" in capsys.readouterr().err
 
 
 def test_eval_without_assets_says_how(tmp_path, monkeypatch, capsys):

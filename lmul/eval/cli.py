@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lmul.eval.tasks import GROUPS, TASKS
+from lmul.cli import CliError, device_arg, int_arg
+from lmul.eval import store
+from lmul.eval.tasks import GROUPS, TASKS, resolve_tasks
 from lmul.spec import PRESETS
 
 DEFAULT_ARMS = "exact,e4m3,e5m2,lmul"
@@ -17,50 +19,92 @@ DEFAULT_ARMS = "exact,e4m3,e5m2,lmul"
 def _fetch(args: argparse.Namespace) -> int:
     from lmul.eval import assets
 
+    def said(status: str) -> str:
+        if args.force:
+            return "fetched (--force)"
+        return {"intact": "already present, verified", "absent": "fetched",
+                "unverified": "fetched again (the copy present had no recorded sizes/sha256)"}.get(
+            status, f"fetched again ({status})")
+
     if args.what in assets.OPTIONAL:
         c = assets.OPTIONAL[args.what]
-        was = assets.chunked_path(c).is_file()
-        path = assets.fetch_chunked(c, force=args.force, quiet=True)
-        print(f"{c.name} ({len(c.parts)} chunk wheels): {'already present' if was and not args.force else 'fetched'} "
-              f"(sha256 {c.sha256[:12]}...) -> {path}")
+        status = assets.chunked_status(c)
+        path = assets.fetch_chunked(c, force=args.force or status != "intact", quiet=True)
+        print(f"{c.name} ({len(c.parts)} chunk wheels): {said(status)} (sha256 {c.sha256[:12]}...) -> {path}")
         return 0
     names = list(assets.ASSETS) if args.what == "all" else [args.what]
     for n in names:
         a = assets.ASSETS[n]
-        was = assets.is_fetched(a)
-        path = assets.fetch(a, force=args.force, quiet=True)
-        print(f"{a.package}=={a.version}: {'already present' if was and not args.force else 'fetched'} "
-              f"(sha256 {a.sha256[:12]}...) -> {path}")
+        status = assets.fetch_status(a)
+        path = assets.fetch(a, force=args.force or status != "intact", quiet=True)
+        print(f"{a.package}=={a.version}: {said(status)} (sha256 {a.sha256[:12]}...) -> {path}")
     return 0
 
 
 def _limit(s: str) -> int | None:
-    if s in ("all", "none", "0"):
+    """``--limit``: a positive integer, or 'all' (None: every item). 0 is refused, not read as 'all'."""
+    if s == "all":
         return None
-    v = int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
     if v < 1:
-        raise argparse.ArgumentTypeError(f"--limit must be a positive integer or 'all', got {s!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all' (every item), got {s!r}")
     return v
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from lmul.eval import assets, report, run
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot become a run folder, before any work: a file, a path under a
+    file, or a folder whose config.json is damaged. Creating it and writing in it is tried later
+    (:func:`_make_out`), after the model is resolved, so a bad model leaves no empty folder."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; give a run folder (new, or one to resume)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CliError(f"--out {out}: {parent} is a file, so no folder can be made under it")
+            break
+    cfg = out / "config.json"
+    if cfg.exists():
+        try:
+            meta = store.read_json(cfg)
+        except store.CorruptFile as e:
+            raise CliError(f"--out {out}: {e}, or choose another --out") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise CliError(f"--out {out}: {cfg} is not an lmul run config (no 'config' object); "
+                           f"choose another --out or delete the folder")
 
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise CliError(f"--out {out} is not writable ({e.strerror or e}); choose another --out") from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lmul.eval import models, report, run
+
+    try:
+        resolve_tasks(args.tasks)
+    except ValueError as e:
+        raise CliError(f"--tasks {args.tasks!r}: {e}") from None
     try:
         cfg = run.EvalConfig.build(args.tasks, args.arms, model=args.model, limit=args.limit, seed=args.seed,
                                    batch_size=args.batch_size, max_length=args.max_length,
                                    divergence=not args.no_divergence, div_limit=args.div_limit,
                                    device=args.device, threads=args.threads)
     except ValueError as e:
-        print(f"lmul eval: error: {e}", file=sys.stderr)
-        return 2
+        raise CliError(f"--arms {args.arms!r}: {e}" if "arm" in str(e) else str(e)) from None
     out = Path(args.out) if args.out else Path("results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    _check_out(out)
+    models.resolve(args.model, allow_fetch=not args.no_fetch)  # ModelError / AssetMissing / AssetCorrupt
+    _make_out(out)
     t0 = time.time()
-    try:
-        run.run(cfg, out, allow_fetch=not args.no_fetch)
-    except (assets.AssetMissing, run.RunMismatch) as e:
-        print(f"lmul eval: error: {e}", file=sys.stderr)
-        return 2
+    run.run(cfg, out, allow_fetch=not args.no_fetch)
     from lmul.eval.harness import dist_info
 
     if dist_info()[0] == 0:
@@ -72,11 +116,15 @@ def _eval(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lmul.eval import report
 
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CliError(f"{args.run_dir!r} is {'a file' if run_dir.exists() else 'missing'}; "
+                       f"give a run folder (written by lmul eval --out)")
     try:
-        print(report.build(Path(args.run_dir), reassemble=not args.from_json))
-    except FileNotFoundError as e:
-        print(f"lmul report: error: {e}", file=sys.stderr)
-        return 2
+        print(report.build(run_dir, reassemble=not args.from_json))
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # valid JSON of the wrong shape
+        raise CliError(f"{run_dir} does not hold lmul results ({type(e).__name__}: {e}); "
+                       f"rerun lmul eval into it or restore its files") from None
     return 0
 
 
@@ -95,21 +143,26 @@ def register(sub) -> None:
                        description="Accuracy through lm-evaluation-harness plus a divergence pass against the exact "
                        "model; resumable: finished (arm, task) units in --out are skipped.")
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, from PyPI), 'gemma3-270m' (optional, "
-                   "fetched on first use) or a local HF model folder")
+                   "fetched on first use), a local HF model folder, a .gguf file, or a hub id in the local HF cache")
     p.add_argument("--tasks", default="commonsense", help=f"comma list of tasks or groups. Groups: {groups}. "
                    f"Tasks: {', '.join(TASKS)}")
     p.add_argument("--arms", default=DEFAULT_ARMS, help="comma list of presets (lmul.spec.PRESETS): "
                    f"{', '.join(PRESETS)} ('exact' is always added)")
-    p.add_argument("--limit", type=_limit, default=None, help="first N items per task ('all' = every item)")
-    p.add_argument("--div-limit", type=int, default=None, help="items per task in the divergence pass "
+    p.add_argument("--limit", type=_limit, default=None, help="first N >= 1 items per task ('all' = every item, "
+                   "the default)")
+    p.add_argument("--div-limit", type=int_arg(0), default=None, help="items per task in the divergence pass "
                    "(default: same as --limit; 0 skips it)")
     p.add_argument("--no-divergence", action="store_true", help="skip the KL / top-1 / bpb pass")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=2048, help="max tokens per sequence")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="run folder (default results/<UTC time>); reuse it to resume")
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=1234,
+                   help="seed of lm-eval's sampling (python, numpy, torch, few-shot)")
+    p.add_argument("--batch-size", type=int_arg(1), default=16, help="sequences per forward pass (>= 1)")
+    p.add_argument("--max-length", type=int_arg(1), default=2048, help="max tokens per sequence (>= 1)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="torch device: cpu, cuda, cuda:N (checked "
+                   "before any work)")
+    p.add_argument("--threads", type=int_arg(1), default=None, help="torch CPU threads (>= 1; default: torch's "
+                   "choice)")
+    p.add_argument("--out", default=None, help="run folder (default results/<UTC time>); reuse it to resume; "
+                   "one run at a time (a second one into a busy folder is refused)")
     p.add_argument("--no-fetch", action="store_true", help="fail instead of fetching missing assets")
     p.set_defaults(func=_eval)
 

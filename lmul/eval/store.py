@@ -1,12 +1,20 @@
-"""Result files: atomic JSON writes and the per-(arm, task) parts that make a run resumable."""
+"""Result files: atomic JSON writes and the per-(arm, task) parts that make a run resumable;
+the lock that keeps two runs out of one run folder, and scratch folders that do not outlive their run."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+LOCK_NAME = ".lock"
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -32,15 +40,25 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n")
 
 
-def read_json(path: Path) -> Any:
-    """Read JSON; a ``.gz`` path is gunzipped (committed results are kept compressed)."""
-    if str(path).endswith(".gz"):
-        import gzip
+class CorruptFile(ValueError):
+    """A result file that is not valid JSON (or not gzip / UTF-8); the message names the file."""
 
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+
+def read_json(path: Path) -> Any:
+    """Read JSON; a ``.gz`` path is gunzipped (committed results are kept compressed).
+    A damaged file raises :class:`CorruptFile` naming it (missing files: FileNotFoundError)."""
+    import gzip
+    import zlib
+
+    try:
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return json.load(f)
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    except (ValueError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptFile(f"{path} is not a valid JSON file ({type(e).__name__}: {e}); "
+                          f"delete or restore it") from None
 
 
 def part_path(run_dir: Path, kind: str, arm: str, task: str) -> Path:
@@ -57,3 +75,78 @@ def load_parts(run_dir: Path, kind: str) -> dict[tuple[str, str], dict]:
         part = read_json(p)
         out[(part["arm"], part["task"])] = part
     return out
+
+
+class RunBusy(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, wait: float = 0.0) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``run_dir/.lock`` for the block (the folder is created).
+
+    The kernel drops the lock when its process ends, however it ends, so a lock file left by a
+    killed run never blocks; a live holder makes this wait up to ``wait`` seconds, then raise
+    :class:`RunBusy` naming the holder's pid (written into the file)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    raise RunBusy(f"--out {run_dir} is in use by another lmul eval ({holder}); wait for it "
+                                  f"to finish or choose another --out") from None
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_scratch(prefix: str, root: Path | None = None) -> list[Path]:
+    """Remove ``<root>/<prefix><pid>-*`` folders of ours whose process is gone (left by a run that
+    was killed with SIGKILL, the one exit no ``finally`` sees); return what was removed."""
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    for d in root.glob(f"{prefix}*-*"):
+        pid, sep, _ = d.name[len(prefix):].partition("-")
+        try:
+            if not (sep and pid.isdigit()) or d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str = "lmul-tasks-", root: Path | None = None) -> Iterator[Path]:
+    """A temporary folder ``<root>/<prefix><pid>-XXXX`` removed when the block ends, by return,
+    exception, KeyboardInterrupt or SystemExit (``lmul.cli.main`` turns SIGTERM / SIGHUP into
+    SystemExit). Folders of processes that died without cleaning up (SIGKILL) are swept first."""
+    sweep_scratch(prefix, root)
+    d = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

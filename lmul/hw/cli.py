@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from lmul.cli import CliError, int_arg
 from lmul.files import atomic_write
 from lmul.hw.rtl import UNITS, UnitSpec, verilog
 
@@ -23,10 +24,10 @@ def _spec(args: argparse.Namespace) -> UnitSpec:
         return UnitSpec.from_spec(args.spec)
     if args.unit == "lmul":
         if args.rounding != "exact" or args.flush_subnormals:
-            raise SystemExit("lmul rtl: --rounding/--flush-subnormals apply to --unit fpmul only")
+            raise CliError("--rounding/--flush-subnormals apply to --unit fpmul only")
         return UnitSpec.make(args.fmt, "lmul", offset=args.offset)
     if args.offset is not None:
-        raise SystemExit("lmul rtl: --offset applies to --unit lmul only")
+        raise CliError("--offset applies to --unit lmul only")
     return UnitSpec.make(args.fmt, "fpmul", rounding=args.rounding, subnormals=not args.flush_subnormals)
 
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except ValueError as err:  # a bad format/option combination: say which
-        raise SystemExit(f"lmul rtl: {err}") from err
+        raise CliError(str(err)) from err
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -117,8 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true",
                    help="simulate with Icarus Verilog against the oracle: every pair for <= 8-bit formats, "
                         "else --n random pairs")
-    p.add_argument("--n", type=int, default=1_000_000, help="random pairs for --verify of wider formats")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random pairs")
+    p.add_argument("--n", type=int_arg(1), default=1_000_000, help="random pairs for --verify of wider formats")
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0, help="seed of the random pairs")
     p.add_argument("--mac", action="store_true",
                    help="the MAC lane around the unit (out = acc + product in float32) for --out/--verify/--synth")
     p.add_argument("--synth", action="store_true", help="synthesise with Yosys and print gate counts")
