@@ -32,8 +32,8 @@ def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:
 
 
 def write_json(path: Union[str, Path], obj: Any, indent: int | None = 1) -> Path:
-    """:func:`atomic_write` of ``obj`` as JSON."""
-    return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+    """:func:`atomic_write` of ``obj`` as JSON (UTF-8; objects JSON lacks, such as paths, as strings)."""
+    return atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
 
 
 MARK = "<!-- lmul-bench:{key}:{end} -->"  # one marked section per key

@@ -14,30 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lmul.files import atomic_write as write_atomic  # noqa: F401  (the one atomic writer)
+from lmul.files import write_json  # noqa: F401
+
 LOCK_NAME = ".lock"
 
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part:
-    write a temporary file in the same folder, fsync it, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n")
 
 
 class CorruptFile(ValueError):
