@@ -14,6 +14,13 @@ estimate of the exact product's slope that L-Mul approximates; the exact-product
 what quantization-aware training uses for fp8 and differs from it by L-Mul's own relative error
 (a few percent, docs/kernels.md). ``mode="exact"`` gets the usual product rule.
 The backward pass costs two ordinary float32 matmuls (``torch.matmul``), whatever the backend.
+
+``LMulSpec(backward="same")`` instead computes the backward's products with the forward's own spec
+(format, mode, accumulator): ``dA = L-Matmul(dC, B_q^T)``, ``dB = L-Matmul(A_q^T, dC)``,
+``dx = L-Mul(dP, y_q)``: "every multiplication" in training, as the paper's Table 6 says it fine-tunes.
+The default stays ``"exact"``: without a loss scale, quantizing gradients into an 8-bit operand
+format flushes the small ones to zero (e4m3's smallest normal is 2^-6), which is a property of the
+format and not of L-Mul; ``"same"`` is there to measure it.
 """
 
 from __future__ import annotations
@@ -33,31 +40,33 @@ def _q(x: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
 
 
 def matmul_grads(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec,
-                 needs: tuple[bool, bool]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(dA, dB)`` of ``C = L-Matmul(A, B)`` (torch.matmul shapes): ``dC @ B_q^T`` and ``A_q^T @ dC``,
-    reduced over broadcast batch dimensions, in the operands' dtypes (None where not needed)."""
+                 needs: tuple[bool, bool], mm=torch.matmul) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dA, dB)`` of ``C = L-Matmul(A, B)`` (torch.matmul shapes): ``mm(dC, B_q^T)`` and
+    ``mm(A_q^T, dC)``, reduced over broadcast batch dimensions, in the operands' dtypes (None where not
+    needed). ``mm`` is ``torch.matmul`` (``backward="exact"``) or the forward's L-Matmul (``"same"``)."""
     aq, bq = _q(a, spec), _q(b, spec)
     a2 = aq.unsqueeze(0) if a.dim() == 1 else aq     # [..., M, K]
     b2 = bq.unsqueeze(-1) if b.dim() == 1 else bq    # [..., K, N]
     g = grad.float()
-    if a.dim() == 1:
-        g = g.unsqueeze(-2)
     if b.dim() == 1:
-        g = g.unsqueeze(-1)                           # [..., M, N]
+        g = g.unsqueeze(-1)
+    if a.dim() == 1:
+        g = g.unsqueeze(-2)                           # [..., M, N] (both 1-D: a 0-d grad becomes [1, 1])
     ga = gb = None
     if needs[0]:
-        ga = torch.matmul(g, b2.transpose(-1, -2)).sum_to_size(a2.shape).reshape(a.shape).to(a.dtype)
+        ga = mm(g, b2.transpose(-1, -2)).sum_to_size(a2.shape).reshape(a.shape).to(a.dtype)
     if needs[1]:
-        gb = torch.matmul(a2.transpose(-1, -2), g).sum_to_size(b2.shape).reshape(b.shape).to(b.dtype)
+        gb = mm(a2.transpose(-1, -2), g).sum_to_size(b2.shape).reshape(b.shape).to(b.dtype)
     return ga, gb
 
 
 def mul_grads(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, spec: LMulSpec,
-              needs: tuple[bool, bool]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(dx, dy)`` of ``P = mul(x, y)`` (broadcasting): ``dP * y_q`` and ``dP * x_q``, summed to the
-    operands' shapes, in their dtypes (None where not needed)."""
+              needs: tuple[bool, bool], mul=torch.mul) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dx, dy)`` of ``P = mul(x, y)`` (broadcasting): ``mul(dP, y_q)`` and ``mul(dP, x_q)``, summed
+    to the operands' shapes, in their dtypes (None where not needed). ``mul`` is ``torch.mul``
+    (``backward="exact"``) or the forward's L-Mul (``"same"``)."""
     xq, yq = _q(x, spec), _q(y, spec)
     g = grad.float()
-    gx = (g * yq).sum_to_size(x.shape).to(x.dtype) if needs[0] else None
-    gy = (g * xq).sum_to_size(y.shape).to(y.dtype) if needs[1] else None
+    gx = mul(g, yq).sum_to_size(x.shape).to(x.dtype) if needs[0] else None
+    gy = mul(g, xq).sum_to_size(y.shape).to(y.dtype) if needs[1] else None
     return gx, gy

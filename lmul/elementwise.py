@@ -84,7 +84,9 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: torch.Tensor):
     x, y = ctx.saved_tensors
-    gx, gy = autograd.mul_grads(grad, x, y, ctx.spec, ctx.needs_input_grad[:2])
+    spec = ctx.spec
+    mul_fn = torch.mul if spec.backward == "exact" else (lambda u, v: _mul(u.detach(), v.detach(), spec))
+    gx, gy = autograd.mul_grads(grad, x, y, spec, ctx.needs_input_grad[:2], mul=mul_fn)
     return gx, gy, None
 
 

@@ -163,7 +163,9 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: torch.Tensor):
     a, b = ctx.saved_tensors
-    ga, gb = autograd.matmul_grads(grad, a, b, ctx.spec, ctx.needs_input_grad[:2])
+    spec = ctx.spec
+    mm = torch.matmul if spec.backward == "exact" else (lambda x, y: _matmul(x.detach(), y.detach(), spec))
+    ga, gb = autograd.matmul_grads(grad, a, b, spec, ctx.needs_input_grad[:2], mm=mm)
     return ga, gb, None
 
 

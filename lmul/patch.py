@@ -226,6 +226,7 @@ def patch(
     acc: Optional[str] = None,
     acc_block: Optional[int] = None,
     backend: Optional[str] = None,
+    backward: Optional[str] = None,
     layers: Optional[Any] = None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
 ) -> PatchHandle:
@@ -243,7 +244,7 @@ def patch(
     attention implementation is unsupported, or ``config`` and keyword options disagree.
     """
     options = dict(scope=scope, fmt=fmt, mode=mode, offset=offset, rounding=rounding, acc=acc,
-                   acc_block=acc_block, backend=backend, layers=layers)
+                   acc_block=acc_block, backend=backend, backward=backward, layers=layers)
     config = _resolve_config(config, options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() needs a torch.nn.Module, got {type(model).__name__}")

@@ -10,7 +10,7 @@ once, and hashable; equal specs compute the same bits. ``docs/semantics.md`` is 
 One vocabulary names specs everywhere (Python, every command's flags, result files):
 
 * a preset: :data:`PRESETS` (``"lmul"``, ``"e4m3"``, ``"lmul-k3"``, ...; the evaluation arms), or
-* a spec name ``<fmt>-<mode>[-c<offset>][-trunc][-acc<fmt>[x<block>]][-<backend>]``, as
+* a spec name ``<fmt>-<mode>[-c<offset>][-trunc][-acc<fmt>[x<block>]][-bwsame][-<backend>]``, as
   :attr:`LMulSpec.name` writes it: ``"bf16-bit"``, ``"e8m3-bit-trunc"``, ``"e4m3-exact-acce4m3x16"``.
 
 :meth:`LMulSpec.from_name` reads both; ``LMulSpec.from_name(spec.name) == spec``.
@@ -29,13 +29,14 @@ from typing import Any, Literal, Optional, Union
 
 from lmul.formats import BF16, FP32, Format, FormatLike
 
-__all__ = ["LMulSpec", "MODES", "MODE_CODES", "ROUNDINGS", "PRESETS", "Mode", "offset_exponent", "resolve_offset",
-           "resolve_spec"]
+__all__ = ["LMulSpec", "MODES", "MODE_CODES", "ROUNDINGS", "BACKWARDS", "PRESETS", "Mode", "offset_exponent",
+           "resolve_offset", "resolve_spec"]
 
 Mode = Literal["bit", "formula", "exact"]
 MODES: tuple[str, ...] = ("bit", "formula", "exact")
 MODE_CODES: dict[str, int] = {"bit": 0, "formula": 1, "exact": 2}  # the integer codes every compiled kernel uses
 ROUNDINGS: tuple[str, ...] = ("rne", "trunc")
+BACKWARDS: tuple[str, ...] = ("exact", "same")  # the gradient's products: lmul.autograd
 
 # The one preset table: name -> (LMulSpec keyword arguments, patch scope). The evaluation arms, the
 # `--arms` / `--preset` vocabulary and docs/patching.md's table all come from here.
@@ -95,6 +96,9 @@ class LMulSpec:
     acc: Optional[Format] = field(default=None, metadata=dict(help="L-Matmul accumulation format (default fp32)"))
     acc_block: int = field(default=1, metadata=dict(help="products summed in float32 per accumulator rounding"))
     backend: str = field(default="auto", metadata=dict(help="backend name, or auto (see `lmul.backends()`)"))
+    backward: str = field(default="exact", metadata=dict(
+        help="gradient products: exact (straight-through, exact products of the quantized operands) or same "
+             "(the backward matmuls/products use this spec)", choices=BACKWARDS))
 
     def __post_init__(self) -> None:
         fmt = _format("fmt", self.fmt)
@@ -112,6 +116,7 @@ class LMulSpec:
         set_("acc_block", int(self.acc_block))
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend must be a backend name or 'auto', got backend={self.backend!r}")
+        _choice("backward", self.backward, BACKWARDS)
         set_("_name", self._make_name())  # precomputed: the custom ops take the spec by name
         del mode, rounding
 
@@ -138,6 +143,8 @@ class LMulSpec:
             parts.append(self.rounding)
         if self.acc is not None or self.acc_block != 1:
             parts.append(f"acc{self.acc_name}" + (f"x{self.acc_block}" if self.acc_block != 1 else ""))
+        if self.backward != "exact":
+            parts.append(f"bw{self.backward}")
         if self.backend != "auto":
             parts.append(self.backend)
         return "-".join(parts)
@@ -148,7 +155,7 @@ class LMulSpec:
     def to_dict(self) -> dict:
         """Plain JSON-able fields (formats by name), for result files."""
         return dict(name=self.name, fmt=self.fmt.name, mode=self.mode, offset=self.offset, rounding=self.rounding,
-                    acc=self.acc_name, acc_block=self.acc_block, backend=self.backend)
+                    acc=self.acc_name, acc_block=self.acc_block, backend=self.backend, backward=self.backward)
 
     def replace(self, **changes) -> LMulSpec:
         """A copy with some fields changed (validated again). Changing ``fmt`` or ``mode`` of a spec
@@ -250,6 +257,8 @@ def _parse_name(name: str) -> dict:
                 out["offset"] = float(part[1:].replace("em", "e-"))
             except ValueError as err:
                 raise ValueError(f"spec {name!r}: offset part {part!r} is not a number") from err
+        elif part in ("bwexact", "bwsame"):
+            out["backward"] = part[2:]
         elif part.startswith("acc"):
             acc = re.fullmatch(r"acc([a-z0-9]+?)(?:x(\d+))?", part)
             if acc is None:
@@ -264,7 +273,7 @@ def _parse_name(name: str) -> dict:
 @lru_cache(maxsize=4096, typed=True)
 def _cached(fmt: FormatLike, mode: str, offset: Optional[float], rounding: str, acc: Any, acc_block: int,
             backend: str) -> LMulSpec:
-    return LMulSpec(fmt, mode, offset, rounding, acc, acc_block, backend)
+    return LMulSpec(fmt, mode, offset, rounding, acc, acc_block, backend)  # backward: the default
 
 
 def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
