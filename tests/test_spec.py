@@ -40,11 +40,12 @@ def test_presets_round_trip(name):
 @given(fmt=st.sampled_from(["e4m3", "e5m2", "bf16", "fp16", "fp32", "e8m3", "e5m6", "e3m0", "e4m3ieee"]),
        mode=st.sampled_from(["bit", "formula", "exact"]), trunc=st.booleans(), k=st.integers(0, 3),
        acc=st.sampled_from([None, "e4m3", "e5m2", "bf16"]), block=st.sampled_from([1, 2, 16, 128]),
-       backend=st.sampled_from(["auto", "reference", "cpu", "decompose", "torch-exact-test"]))
-def test_names_round_trip(fmt, mode, trunc, k, acc, block, backend):
+       backend=st.sampled_from(["auto", "reference", "cpu", "decompose", "torch-exact-test"]),
+       backward=st.sampled_from(["exact", "same"]))
+def test_names_round_trip(fmt, mode, trunc, k, acc, block, backend, backward):
     f = Format.parse(fmt)
     offset = None if mode == "exact" else k * 2.0 ** -max(f.man_bits, 1) if f.man_bits else 0.0
-    spec = LMulSpec(fmt, mode, offset, "trunc" if trunc else "rne", acc, block, backend)
+    spec = LMulSpec(fmt, mode, offset, "trunc" if trunc else "rne", acc, block, backend, backward)
     assert LMulSpec.from_name(spec.name) == spec, spec.name
     assert LMulSpec(**{k: v for k, v in spec.to_dict().items() if k != "name"} | {
         "offset": None if mode == "exact" else spec.offset}) == spec
@@ -55,6 +56,7 @@ def test_name_examples():
     assert LMulSpec("e4m3", "exact", acc="e4m3", acc_block=16).name == "e4m3-exact-acce4m3x16"
     assert LMulSpec(offset=0.0).name == "bf16-bit-c0.0"
     assert LMulSpec.from_name("lmul-k3", acc="e4m3").name == "e8m3-bit-trunc-acce4m3"
+    assert LMulSpec("e4m3", acc="e4m3", backward="same").name == "e4m3-bit-acce4m3-bwsame"
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -75,6 +77,7 @@ def test_name_examples():
     (dict(acc_block=2.0), ValueError, "acc_block=2.0"),
     (dict(backend=""), ValueError, "backend=''"),
     (dict(backend=None), ValueError, "backend=None"),
+    (dict(backward="sam"), ValueError, "backward='sam'"),
 ])
 def test_invalid_fields_name_themselves(kwargs, error, match):
     with pytest.raises(error, match=match):
