@@ -21,6 +21,7 @@ So the extra memory of a call is a constant (backend workspace for ``MATMUL_CHUN
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import lru_cache
 from typing import Optional, Union
@@ -49,11 +50,12 @@ def _shapes(a_shape: torch.Size, b_shape: torch.Size) -> tuple[tuple, int, int, 
             f"matmul shapes {tuple(a_shape)} and {tuple(b_shape)} do not match: a's last dim {a2[-1]} != "
             f"b's {'only' if len(b_shape) == 1 else 'second-to-last'} dim {b2[-2]}"
         )
-    try:
-        batch = tuple(torch.broadcast_shapes(a2[:-2], b2[:-2]))
-    except RuntimeError as err:
-        raise ValueError(f"batch dims of {tuple(a_shape)} and {tuple(b_shape)} do not broadcast") from err
-    return batch, a2[-2], a2[-1], b2[-1]
+    batch = []
+    for x, y in itertools.zip_longest(reversed(a2[:-2]), reversed(b2[:-2]), fillvalue=1):
+        if x != y and 1 not in (x, y):
+            raise ValueError(f"batch dims of {tuple(a_shape)} and {tuple(b_shape)} do not broadcast")
+        batch.append(y if x == 1 else x)
+    return tuple(reversed(batch)), a2[-2], a2[-1], b2[-1]
 
 
 def _out_shape(a_shape: torch.Size, b_shape: torch.Size) -> tuple:

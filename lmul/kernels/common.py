@@ -41,6 +41,13 @@ def spec_unsupported(spec: LMulSpec, acc: bool = False) -> str | None:
     return None
 
 
+def _global_exponent(x: torch.Tensor) -> int | None:
+    """``e`` with ``|x| < 2^e`` for every entry, or None when ``x`` holds inf/NaN."""
+    lo, hi = torch.aminmax(x)
+    top = max(-lo.item(), hi.item())
+    return math.frexp(top)[1] if math.isfinite(top) else None
+
+
 def _exponent_bound(x: torch.Tensor, dim: int) -> torch.Tensor:
     """int ``e`` per row (dim=-1) or column (dim=-2) with ``|x| < 2^e`` over its entries (two
     reductions, no temporaries). Rows holding inf/NaN get 0: the backends recompute them anyway."""
@@ -57,6 +64,9 @@ def overflow_risk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     cols = torch.zeros(b.shape[0], b.shape[-1], dtype=torch.bool, device=b.device)
     if 0 in a.shape or 0 in b.shape:
         return rows, cols
+    ga, gb = _global_exponent(a), _global_exponent(b)
+    if ga is not None and gb is not None and ga + gb < 127 - 3 - math.ceil(math.log2(k)):
+        return rows, cols  # the common case: no row or column anywhere near float32's range
     ea, eb = _exponent_bound(a, -1), _exponent_bound(b, -2)       # [B, M], [B, N]
     limit = 127 - 3 - math.ceil(math.log2(k))
     risk_rows = ea + eb.amax(-1, keepdim=True) >= limit

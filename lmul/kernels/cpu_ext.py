@@ -340,6 +340,8 @@ def machine() -> Optional[str]:
 
 
 def _loadable() -> Optional[str]:
+    if _LIB is not None:  # loaded: nothing left to check (the per-call fast path)
+        return None
     why = machine()
     if why:
         return why
