@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
+from lmul import kernels  # noqa: E402
 from lmul.eval import divergence, models, report, store  # noqa: E402
 from lmul.eval.run import EvalConfig, run  # noqa: E402
 from tests._eval_fixtures import ROWS, tiny_llama, tiny_tokenizer, write_fixtures  # noqa: E402
@@ -140,7 +141,14 @@ def test_rerun_adds_an_arm(tmp_path, tiny):
     before = store.part_path(out, "acc", "exact", "piqa").read_bytes()
     run(_cfg(arms=("exact", "lmul")), out, loaded=tiny, data_root=data)
     assert store.part_path(out, "acc", "exact", "piqa").read_bytes() == before  # not recomputed
-    assert store.read_json(out / "config.json")["config"]["arms"] == ["exact", "lmul"]
+    meta = store.read_json(out / "config.json")
+    assert meta["config"]["arms"] == ["exact", "lmul"]
+    # each arm's resolved spec, placement and the backend that ran are recorded (independent of the tag)
+    lm = meta["arm_specs"]["lmul"]
+    assert lm["spec"]["fmt"] == "bf16" and lm["spec"]["mode"] == "bit" and lm["spec"]["offset"] == 2.0**-4
+    assert lm["scope"] == "attention" and lm["spec"]["name"] == "bf16-bit"
+    assert lm["backend_ran"] in {b.name for b in kernels.BACKENDS}
+    assert meta["arm_specs"]["exact"]["scope"] == "none"
     res = store.read_json(out / "results.json")
     assert set(res["tasks"]["piqa"]) == {"exact", "lmul"} and "lmul" in res["divergence"]["piqa"]
     assert "| lmul |" in report.build(out).read_text()
