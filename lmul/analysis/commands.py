@@ -30,7 +30,13 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def _run_energy(args: argparse.Namespace) -> int:
-    from lmul.analysis.energy import energy_markdown, energy_report, model_shape
+    from lmul.analysis.energy import (
+        energy_markdown,
+        energy_report,
+        model_shape,
+        paper_comparison,
+        paper_comparison_markdown,
+    )
     from lmul.analysis.plots import plot_energy
 
     try:
@@ -38,7 +44,8 @@ def _run_energy(args: argparse.Namespace) -> int:
                             args.past)
     except ValueError as err:
         raise SystemExit(f"lmul energy: {err}") from None
-    text = energy_markdown(rep)
+    text = energy_markdown(rep) + "\n\n## The paper's gate counts and energy figures beside ours\n\n" + \
+        paper_comparison_markdown(paper_comparison(args.seq))
     print(text)
     print(f"\n95%: {rep['claim_95']['steps']}\n80%: {rep['claim_80']['steps']}")
     if args.out:
