@@ -20,9 +20,11 @@ exact), which is the scale on which the paper writes Eq. 1:
   the kept grid is ``2^(1-k)``): no short closed form; :func:`normalised_truncation_expectation`
   sums it exactly.
 
-All values are exact rationals (:class:`fractions.Fraction`). The paper's printed Table 7 digits
-were not available to this project (see ``docs/analysis.md``); the tests check these closed
-forms against independent exhaustive enumeration instead.
+All values are exact rationals (:class:`fractions.Fraction`); the tests check these closed forms
+against independent exhaustive enumeration. They are the k-bit-operand expectations, not the
+paper's printed Table 7, which measures against n = 7 (bf16) operands: that is
+:func:`eq45_expectations` below (Eq. 4-5), for the even, the log-uniform, or a model's weight
+mantissa distribution (:func:`real_table7`, ``lmul table7``).
 """
 
 from __future__ import annotations
