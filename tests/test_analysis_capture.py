@@ -85,7 +85,10 @@ def test_analyze_command_with_operands(tiny, tmp_path, capsys):
     assert res["config"]["seed"] == 1 and res["exhaustive"]["lmul-bit"]["3"]["n"] == 64
     for png in ("exhaustive.png", "offset_sweep.png", "fig3_offsets.png", "fig4_bits.png", "hist_exhaustive.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert "Gate counts" in (out / "analysis.md").read_text()
+    md = (out / "analysis.md").read_text()
+    assert "Gate counts" in md
+    assert "| **paper** real, abs[f1+f2] | 0.16 | 0.18 | 0.18 | 0.12 | 0.15 | 0.14 |" in md
+    assert "| energy saving, element-wise product | 95% | 97.3% |" in md
     assert main(["analyze", "--out", str(out), "--operands", str(tmp_path / "missing.pt")]) == 2  # one line, status 2
     assert "no such file" in capsys.readouterr().err
 
@@ -94,6 +97,7 @@ def test_energy_command(tmp_path, capsys):
     assert main(["energy", "--model", "smollm2", "--seq", "16", "--scope", "all", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "SmolLM2-135M" in text and "1 - 0.1 / 3.7 = 0.9730" in text
+    assert "| gates, multiplier fp16 | 584 | 1612 |" in text
     rep = json.loads((tmp_path / "energy_SmolLM2-135M_seq16_past0_all.json").read_text())
     assert rep["params"] == 134_515_008
     assert (tmp_path / "energy_SmolLM2-135M_seq16_past0_all.png").read_bytes()[:4] == b"\x89PNG"
@@ -122,3 +126,24 @@ def test_analyze_command_captures_from_model_dir(tmp_path):
     assert ops["qk"][0].numel() == 3 * 2 * (600 // 6)
     res = json.loads((out / "analysis.json").read_text())
     assert "P x V" in res["real"] and res["operands_meta"]["model"] == str(tmp_path / "model")
+
+
+def test_table7_command_on_model_dir(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   head_dim=16, intermediate_size=48, vocab_size=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "model")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    assert main(["table7", "--weights", str(tmp_path / "model"), "--out", str(out)]) == 0
+    assert "| **paper** even, abs[f1(n=7,k)] | 0.68 |" in capsys.readouterr().out
+    res = json.loads((out / "table7.json").read_text())
+    h = res["models"][str(tmp_path / "model")]["groups"]["all parameters"]
+    assert h["normal"] + h["zero"] + h["subnormal"] == sum(p.numel() for p in model.parameters())
+    assert [r["k"] for r in h["rows"]] == list(range(1, 7))
+    assert (out / "table7.md").read_text().startswith("| row |")

@@ -138,3 +138,15 @@ def test_energy_report_prices_counts():
         energy.energy_report(s, 8, "mlp")
     with pytest.raises(ValueError, match="seq"):
         energy.forward_counts(s, 0)
+
+
+def test_paper_comparison_rows():
+    from lmul.analysis.energy import paper_comparison, paper_comparison_markdown
+
+    rows = {r["figure"]: r for r in paper_comparison()}
+    assert (rows["gates, L-Mul fp16"]["paper"], rows["gates, L-Mul fp16"]["ours"]) == ("256", "245")  # 4+159+82
+    assert rows["energy saving, element-wise product"]["ours"] == f"{1 - 0.1 / 3.7:.1%}"
+    assert rows["energy saving, dot product (fp32 accumulation)"]["ours"] == f"{1 - 1.0 / 4.6:.1%}"
+    assert rows["fp16: 1 - (L-Mul + add) / (mul + add)"]["ours"] == "70%"  # 1 - 0.45 / 1.5
+    assert rows["fp8 multiply energy"]["ours"].startswith(f"{1.1 * 325 / 584:.2f}")
+    assert "| 95% | 97.3% |" in paper_comparison_markdown(list(rows.values()))

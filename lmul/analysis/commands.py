@@ -33,7 +33,13 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def _run_energy(args: argparse.Namespace) -> int:
-    from lmul.analysis.energy import energy_markdown, energy_report, model_shape
+    from lmul.analysis.energy import (
+        energy_markdown,
+        energy_report,
+        model_shape,
+        paper_comparison,
+        paper_comparison_markdown,
+    )
     from lmul.analysis.plots import plot_energy
 
     if args.out:
@@ -48,7 +54,8 @@ def _run_energy(args: argparse.Namespace) -> int:
         rep = energy_report(shape, args.seq, args.scope, args.batch, args.dram_pj_per_byte, args.past)
     except ValueError as err:
         raise CliError(str(err)) from None
-    text = energy_markdown(rep)
+    text = energy_markdown(rep) + "\n\n## The paper's gate counts and energy figures beside ours\n\n" + \
+        paper_comparison_markdown(paper_comparison(args.seq))
     print(text)
     print(f"\n95%: {rep['claim_95']['steps']}\n80%: {rep['claim_80']['steps']}")
     if args.out:
@@ -61,6 +68,27 @@ def _run_energy(args: argparse.Namespace) -> int:
             tmp.replace(out / (stem + suffix))
         plot_energy(rep, out / (stem + ".png"))
         print(f"\nwrote {out / stem}.json/.md/.png")
+    return 0
+
+
+def _run_table7(args: argparse.Namespace) -> int:
+    from lmul.analysis.table7 import real_table7, real_table7_markdown
+
+    models = [m for m in args.weights.split(",") if m.strip()]
+    try:
+        res = real_table7(models)
+    except ValueError as err:
+        raise SystemExit(f"lmul table7: {err}") from None
+    text = real_table7_markdown(res)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in (("table7.json", json.dumps(res, indent=1)), ("table7.md", text + "\n")):
+            tmp = out / (name + ".tmp")
+            tmp.write_text(content)
+            tmp.replace(out / name)
+        print(f"\nwrote {out}/table7.json and table7.md")
     return 0
 
 
@@ -89,6 +117,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=_layers, default=None,
                    help="layers to capture, e.g. 0,15,29 (default first/mid/last)")
     p.set_defaults(func=_run_analyze)
+
+    t = sub.add_parser("table7", help="Table 7 (Eq. 4-5) from the mantissa distribution of model weights",
+                       description="The paper's Table 7 rows beside ours: Eq. 4-5 for bf16 operands (n = 7) whose "
+                                   "mantissa fields follow the even, the log-uniform, or a model's weight "
+                                   "distribution.")
+    t.add_argument("--weights", default="smollm2",
+                   help="comma-separated models: smollm2, gemma3-270m or model folders (default smollm2)")
+    t.add_argument("--out", help="directory for table7.json / table7.md")
+    t.set_defaults(func=_run_table7)
 
     e = sub.add_parser("energy", help="multiply/add counts and energy of a forward pass per arithmetic arm",
                        description="Counts the multiplications and additions of a Llama-style forward pass from its "
