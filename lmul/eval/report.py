@@ -14,16 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from lmul.eval import stats, store
+from lmul.eval.paper import MODELS, PAPER, paper_delta
 from lmul.eval.tasks import TASKS
 
-# The paper's published numbers (arXiv:2410.00907 v2, Tables 2, 3, 5) as {(table, model, arm, task): acc}.
-# Only numbers checked against the paper belong here; this session could not open the paper's tables,
-# so it is empty and the report says "n/a" rather than quoting numbers from memory.
-PAPER: dict[tuple[str, str, str, str], float] = {}
-PAPER_NOTE = ("Paper rows: the published numbers of arXiv:2410.00907 (Tables 2, 3, 5; billion-parameter models, "
-              "not this one) could not be checked against the paper when this tool was written, so they are "
-              "shown as n/a rather than quoted from memory; verified numbers go in `lmul.eval.report.PAPER`. "
-              "The table layouts (which tasks and arms go in which table) follow the project's issue text.")
+PAPER_NOTE = ("Paper rows: the published accuracies of arXiv:2410.00907 v2 (Tables 2, 3 and 5: Mistral-7B-Instruct-"
+              "v0.3 and Llama-3.1-8B-Instruct, GSM8K also Gemma2-2b-It; `lmul.eval.paper`, checked against the "
+              "project's transcription of the PDF). Those models are not this one, so compare *differences*: the "
+              "paper's arm minus its own BFloat16 row beside ours against `exact`; † marks a paper difference "
+              "outside our 95% CI.")
 
 TABLE2_TASKS = ("arc_challenge", "commonsense_qa", "openbookqa", "piqa", "social_iqa")
 TABLE3_TASKS = ("mmlu", "gsm8k")
@@ -98,14 +96,54 @@ def _arms(results: dict) -> list[str]:
     return [a for a in order if a in present]
 
 
-def _paper_rows(table: str, tasks: tuple[str, ...]) -> list[str]:
-    """Rows of published numbers for ``table`` (from :data:`PAPER`), or one n/a row."""
-    keys = sorted({(m, a) for (t, m, a, _) in PAPER if t == table})
-    tail = " | n/a |" if len(tasks) > 1 else " |"
+def _paper_table(task: str) -> str:
+    """The paper table that holds ``task`` (MMLU and the common-sense tasks: Table 2; GSM8K: Table 3)."""
+    return "table3" if task == "gsm8k" else "table2"
+
+
+def _paper_rows(tasks: tuple[str, ...]) -> list[str]:
+    """The paper's absolute accuracies for ``tasks`` (one row per model and arm), or one n/a row."""
+    avg = len(tasks) > 1
+    keys = sorted({(m, a) for (t, m, a, task) in PAPER if t in ("table2", "table3") and task in tasks})
     if not keys:
-        return ["| *paper* | " + " | ".join("n/a" for _ in tasks) + tail]
-    return [f"| *paper: {m}, {a}* | " + " | ".join(_pct(PAPER[(table, m, a, t)]) if (table, m, a, t) in PAPER
-                                                  else "n/a" for t in tasks) + tail for m, a in keys]
+        return ["| *paper* | " + " | ".join("n/a" for _ in tasks) + (" | n/a |" if avg else " |")]
+    rows = []
+    for m, a in keys:
+        cells = [_num(PAPER.get((_paper_table(t), m, a, t))) for t in tasks]
+        tail = f" | {_num(PAPER.get(('table2', m, a, 'avg')))} |" if avg and tasks == TABLE2_TASKS else (
+            " | |" if avg else " |")
+        rows.append(f"| *paper: {MODELS[m].split('-')[0]}, {a}* | " + " | ".join(cells) + tail)
+    return rows
+
+
+def _num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _paper_delta_rows(results: dict, tasks: tuple[str, ...]) -> list[str]:
+    """Difference of differences: ours (arm − exact, 95% CI) beside the paper's (arm − BFloat16) per model."""
+    arms = [a for a in _arms(results) if a != "exact"
+            and any(paper_delta(_paper_table(t), m, a, t) is not None for t in tasks for m in MODELS)]
+    if not arms:
+        return []
+    lines = ["", "Ours against the paper, in points: our arm − `exact` [95% CI] · the paper's arm − its BFloat16 row "
+             "per model (M: Mistral-7B, L: Llama-3.1-8B, G: Gemma2-2B); † = outside our CI.", "",
+             "| arm | " + " | ".join(_col(t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for arm in arms:
+        cells = []
+        for t in tasks:
+            p = results["paired_vs_exact"].get(t, {}).get(arm)
+            ours = f"{100 * p['diff']:+.1f} [{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}]" if p else "–"
+            theirs = []
+            for m in MODELS:
+                d = paper_delta(_paper_table(t), m, arm, t)
+                if d is None:
+                    continue
+                out = p is not None and not (100 * p["lo"] <= d <= 100 * p["hi"])
+                theirs.append(f"{m[0].upper()} {d:+.2f}{'†' if out else ''}")
+            cells.append(ours + (" · " + ", ".join(theirs) if theirs else ""))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt_paired(p: stats.Paired) -> str:
@@ -148,7 +186,7 @@ def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "
         avg = f" | {_pct(float(np.mean(vals)))}" if len(tasks) > 1 and len(vals) == len(tasks) else (
             " | –" if len(tasks) > 1 else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + avg + " |")
-    lines += _paper_rows(table, tasks)
+    lines += _paper_rows(tasks) if table else []
     pooled = len(tasks) > 1
     lines += ["", "Paired difference against `exact` in percentage points: diff ± half-width of the 95% paired "
               f"bootstrap CI ({BOOT_ITERS} resamples, seed {results['seed']}); McNemar exact p; "
@@ -171,6 +209,8 @@ def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "
             pp = pooled_paired(results, tasks, arm)
             cells.append(_fmt_paired(pp) if pp else "–")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if table:
+        lines += _paper_delta_rows(results, tasks)
     return lines + [""]
 
 
@@ -212,14 +252,16 @@ def _table5(results: dict) -> list[str]:
     tasks = [t for t in results["tasks"]]
     lines = ["### Operand precision (layout of the paper's Table 5: L-Mul with k mantissa bits vs fp8)", "",
              "Mean accuracy over the tasks of this run (%), and mean KL(exact ‖ arm) over the divergence tasks.", "",
-             "| arm | operands | mean acc | mean KL (nats) | paper |", "|---|---|---|---|---|"]
+             "| arm | operands | mean acc | mean KL (nats) | paper MMLU − BFloat16 (M, L) |", "|---|---|---|---|---|"]
     ops = {"e5m2": "fp8 e5m2, exact", "e4m3": "fp8 e4m3, exact", "lmul-k2": "e8m2 (k=2), L-Mul",
            "lmul-k3": "e8m3 (k=3), L-Mul", "lmul-k4": "e8m4 (k=4), L-Mul", "lmul": "bf16 (k=7), L-Mul"}
     for a in arms:
         accs = [results["tasks"][t][a]["acc"] for t in tasks if a in results["tasks"][t]]
         kls = [results["divergence"][t][a]["kl"] for t in results["divergence"] if a in results["divergence"][t]]
+        paper = ", ".join(f"{d:+.2f}" for m in ("mistral", "llama")
+                          if (d := paper_delta("table5", m, a, "mmlu")) is not None) or "–"
         lines.append(f"| {a} | {ops[a]} | {_pct(float(np.mean(accs))) if accs else '–'} | "
-                     f"{f'{np.mean(kls):.3g}' if kls else '–'} | n/a |")
+                     f"{f'{np.mean(kls):.3g}' if kls else '–'} | {paper} |")
     return lines + [""]
 
 
