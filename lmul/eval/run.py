@@ -172,7 +172,7 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
         pending += [u for u in units if not store.part_path(out, "div", *u).exists()]
     if not pending:  # everything is there: only reassemble
         if rank == 0:
-            from lmul.eval.report import assemble
+            from lmul.eval.results import assemble
             assemble(out)
         return out / "results.json"
     t0 = time.time()
@@ -218,7 +218,7 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
         meta.update({"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_desc": desc,
                      "model_load_seconds": load_s})
         store.write_json(out / "config.json", meta)
-        from lmul.eval.report import assemble
+        from lmul.eval.results import assemble
         assemble(out)
     return out / "results.json"
 
