@@ -48,3 +48,62 @@ def test_pooled_paired_matches_items_by_task_and_doc():
     assert (p.b, p.c) == (1, 3) and p.diff == pytest.approx(2 / 6) and p.lo <= p.diff <= p.hi
     del res["tasks"]["t2"]["lmul"]
     assert report.pooled_paired(res, ("t1", "t2"), "lmul") is None
+
+
+def _table2_results(with_norm: bool):
+    """Hand-made piqa (2 choices, acc_norm) and commonsense_qa (5 choices, acc only) results."""
+    def entry(accs, norms, n_choices):
+        items = [{"doc_id": i, "acc": float(a), "lls": [0.0] * n_choices} for i, a in enumerate(accs)]
+        if norms is not None:
+            for it, v in zip(items, norms, strict=True):
+                it["acc_norm"] = float(v)
+        e = {"n": len(accs), "acc": sum(accs) / len(accs), "se": 0.1, "seconds": 1.0, "items": items}
+        if norms is not None:
+            e["acc_norm"], e["acc_norm_se"] = sum(norms) / len(norms), 0.1
+        return e
+    tasks = {
+        "piqa": {"exact": entry([1, 0, 1, 0], [1, 1, 1, 0] if with_norm else None, 2),
+                 "lmul": entry([1, 0, 0, 0], [1, 1, 0, 0] if with_norm else None, 2),
+                 "e5m2": entry([1, 1, 1, 0], [0, 0, 0, 0] if with_norm else None, 2)},
+        "commonsense_qa": {"exact": entry([1, 0], None, 5), "lmul": entry([1, 1], None, 5),
+                           "e5m2": entry([0, 0], None, 5)},
+    }
+    from lmul.eval.results import paired_vs_exact
+
+    return {"config": {"arms": ["exact", "e5m2", "lmul"], "model": "m", "limit": None, "div_limit": None, "seed": 0,
+                       "tasks": list(tasks), "device": "cpu"},
+            "seed": 0, "tasks": tasks, "paired_vs_exact": paired_vs_exact(tasks, 0), "divergence": {}}
+
+
+def test_acc_norm_leads_where_defined_and_chance_is_stated():
+    text = report.render(_table2_results(with_norm=True))
+    assert "| arm | CSQA | PIQA (acc_norm) | Avg |" in text
+    assert "| *chance* | 20.0 | 50.0 | |" in text
+    assert "| exact | 50.0 ± 10.0 | 75.0 ± 10.0 (50.0) | 62.5 |" in text  # acc_norm first, acc beside it
+    # paired: PIQA's headline is acc_norm (lmul 2/4 vs exact 3/4 -> -25 points); acc in the second table
+    assert "| lmul | +50.0" in text and "-25.0" in text
+    assert "The same comparison for `acc` of the tasks that lead with `acc_norm`" in text
+    plain = report.render(_table2_results(with_norm=False))
+    assert "(acc_norm)" not in plain and "| exact | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 |" in plain
+
+
+def test_paper_rows_and_difference_of_differences():
+    text = report.render(_table2_results(with_norm=False))
+    # the paper's absolute rows for the tasks it has (Table 2), and n/a-free rendering of the others
+    assert "| *paper: Mistral, bf16* | 71.42 | 80.74 | |" in text
+    assert "| *paper: Llama, lmul* | 74.28 | 83.30 | |" in text
+    # ours (acc) vs the paper's arm - BFloat16 row; e5m2 on PIQA: ours +25 [CI], Mistral -0.98, Llama -2.93
+    row = next(line for line in text.splitlines() if line.startswith("| e5m2 | ") and "·" in line)
+    assert "L -0.98" not in row and "M -0.98" in row and "L -2.93" in row
+    # PIQA: ours +25 with a bootstrap CI of [0, +75] points: the paper's -0.98 / -2.93 lie outside (†);
+    # CSQA: ours -50 [-100, 0] holds the paper's -0.17 / -1.23 (no †)
+    piqa, csqa = row.split(" | ")[2], row.split(" | ")[1]
+    assert piqa.count("†") == 2 and "†" not in csqa
+
+
+def test_paper_rows_render_for_tasks_the_paper_lacks():
+    res = _results()  # MMLU only, in our Table 3 layout: the paper has MMLU in Table 2
+    text = report.render(res)
+    assert "| *paper: Mistral, bf16* | 62.20 |" in text
+    res["tasks"]["winogrande"] = res["tasks"].pop("mmlu")  # a task the paper does not have: no paper rows
+    assert "*paper" not in report.render(res)

@@ -15,7 +15,7 @@ import numpy as np
 
 from lmul.eval import stats, store
 from lmul.eval.paper import MODELS, PAPER, paper_delta
-from lmul.eval.results import BOOT_ITERS, assemble
+from lmul.eval.results import BOOT_ITERS, assemble, headline, paired_vs_exact
 from lmul.eval.tasks import TASKS
 
 PAPER_NOTE = ("Paper rows: the published accuracies of arXiv:2410.00907 v2 (Tables 2, 3 and 5: Mistral-7B-Instruct-"
@@ -77,8 +77,8 @@ def _paper_delta_rows(results: dict, tasks: tuple[str, ...]) -> list[str]:
             and any(paper_delta(_paper_table(t), m, a, t) is not None for t in tasks for m in MODELS)]
     if not arms:
         return []
-    lines = ["", "Ours against the paper, in points: our arm − `exact` [95% CI] · the paper's arm − its BFloat16 row "
-             "per model (M: Mistral-7B, L: Llama-3.1-8B, G: Gemma2-2B); † = outside our CI.", "",
+    lines = ["", "Ours against the paper, in points (acc): our arm − `exact` [95% CI] · the paper's arm − its "
+             "BFloat16 row per model (M: Mistral-7B, L: Llama-3.1-8B, G: Gemma2-2B); † = outside our CI.", "",
              "| arm | " + " | ".join(_col(t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
     for arm in arms:
         cells = []
@@ -117,49 +117,88 @@ def pooled_paired(results: dict, tasks: tuple[str, ...], arm: str) -> stats.Pair
     return stats.paired(base, mine, BOOT_ITERS, results["seed"])
 
 
+def _chance(results: dict, task: str) -> float | None:
+    """Chance accuracy of ``task``: the mean over items of 1 / (number of choices)."""
+    entry = results["tasks"][task].get("exact") or next(iter(results["tasks"][task].values()))
+    sizes = [len(it["lls"]) for it in entry["items"] if it.get("lls")]
+    return float(np.mean([1 / n for n in sizes])) if sizes else None
+
+
+def _paired_of(results: dict, metric: str) -> dict:
+    key = "paired_vs_exact" if metric == "acc" else "paired_vs_exact_norm"
+    if key not in results:  # results.json written before acc_norm comparisons existed
+        results[key] = paired_vs_exact(results["tasks"], results["seed"], metric)
+    return results[key]
+
+
+def _paired_cells(results: dict, tasks: tuple[str, ...], arm: str, metric_of) -> list[str]:
+    cells = []
+    for t in tasks:
+        p = _paired_of(results, metric_of(t)).get(t, {}).get(arm)
+        if not p:
+            cells.append("–")
+            continue
+        cells.append(_fmt_paired(stats.Paired(p["diff"], p["lo"], p["hi"], p["n"], p["b"], p["c"], p["p_mcnemar"])))
+    return cells
+
+
 def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "") -> list[str]:
     tasks = tuple(t for t in tasks if t in results["tasks"])
     if not tasks:
         return []
     arms = _arms(results)
-    head = "| arm | " + " | ".join(_col(t) for t in tasks) + (" | Avg |" if len(tasks) > 1 else " |")
-    lines = [f"### {title}", "", "Accuracy in % ± standard error (n items per task in the header row below).", "",
+    metric = {t: headline(results["tasks"][t]) for t in tasks}
+    normed = [t for t in tasks if metric[t] == "acc_norm"]
+    head = "| arm | " + " | ".join(_col(t) + (" (acc_norm)" if t in normed else "") for t in tasks) + (
+        " | Avg |" if len(tasks) > 1 else " |")
+    lines = [f"### {title}", "", "Accuracy in % ± standard error (n items per task in the header row below). "
+             + ("Where lm-eval defines `acc_norm` (length-normalised log-likelihood: ARC, OBQA, PIQA, HellaSwag) "
+                "the cell leads with it, `acc` in parentheses. " if normed else "")
+             + "*chance*: the mean over items of 1 / number of choices.", "",
              head, "|" + "---|" * (len(tasks) + 1 + (len(tasks) > 1))]
     lines.append("| n | " + " | ".join(str(results["tasks"][t].get("exact", next(iter(results["tasks"][t].values())))
                                            ["n"]) for t in tasks) + (" | |" if len(tasks) > 1 else " |"))
+    chance = [_chance(results, t) for t in tasks]
+    lines.append("| *chance* | " + " | ".join(_pct(c) if c is not None else "–" for c in chance)
+                 + (" | |" if len(tasks) > 1 else " |"))
     for arm in arms:
         cells, vals = [], []
         for t in tasks:
             e = results["tasks"][t].get(arm)
-            cells.append(_pct(e["acc"], e["se"]) if e else "–")
-            if e:
+            if not e:
+                cells.append("–")
+                continue
+            if metric[t] == "acc_norm":
+                cells.append(f"{_pct(e['acc_norm'], e['acc_norm_se'])} ({_pct(e['acc'])})")
+                vals.append(e["acc_norm"])
+            else:
+                cells.append(_pct(e["acc"], e["se"]))
                 vals.append(e["acc"])
         avg = f" | {_pct(float(np.mean(vals)))}" if len(tasks) > 1 and len(vals) == len(tasks) else (
             " | –" if len(tasks) > 1 else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + avg + " |")
     lines += _paper_rows(tasks) if table else []
     pooled = len(tasks) > 1
-    lines += ["", "Paired difference against `exact` in percentage points: diff ± half-width of the 95% paired "
-              f"bootstrap CI ({BOOT_ITERS} resamples, seed {results['seed']}); McNemar exact p; "
-              "b/c = items only exact / only the arm got right"
-              + ("; *all items*: the tasks' items pooled (item-weighted)." if pooled else "."), "",
-              "| arm | " + " | ".join(_col(t) for t in tasks) + (" | *all items* |" if pooled else " |"),
+    lines += ["", "Paired difference against `exact` in percentage points (of each column's headline metric): "
+              f"diff ± half-width of the 95% paired bootstrap CI ({BOOT_ITERS} resamples, seed {results['seed']}); "
+              "McNemar exact p; b/c = items only exact / only the arm got right"
+              + ("; *all items*: the tasks' items pooled (item-weighted, acc)." if pooled else "."), "",
+              "| arm | " + " | ".join(_col(t) + (" (acc_norm)" if t in normed else "") for t in tasks)
+              + (" | *all items* |" if pooled else " |"),
               "|" + "---|" * (len(tasks) + 1 + pooled)]
     for arm in arms:
         if arm == "exact":
             continue
-        cells = []
-        for t in tasks:
-            p = results["paired_vs_exact"].get(t, {}).get(arm)
-            if not p:
-                cells.append("–")
-                continue
-            pp = stats.Paired(p["diff"], p["lo"], p["hi"], p["n"], p["b"], p["c"], p["p_mcnemar"])
-            cells.append(_fmt_paired(pp))
+        cells = _paired_cells(results, tasks, arm, lambda t: metric[t])
         if pooled:
             pp = pooled_paired(results, tasks, arm)
             cells.append(_fmt_paired(pp) if pp else "–")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if normed:
+        lines += ["", "The same comparison for `acc` of the tasks that lead with `acc_norm`:", "",
+                  "| arm | " + " | ".join(f"{_col(t)} (acc)" for t in normed) + " |", "|" + "---|" * (len(normed) + 1)]
+        lines += [f"| {arm} | " + " | ".join(_paired_cells(results, tuple(normed), arm, lambda t: "acc")) + " |"
+                  for arm in arms if arm != "exact"]
     if table:
         lines += _paper_delta_rows(results, tasks)
     return lines + [""]

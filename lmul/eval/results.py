@@ -9,9 +9,34 @@ from pathlib import Path
 
 from lmul.eval import stats, store
 
-__all__ = ["assemble", "BOOT_ITERS"]
+__all__ = ["assemble", "paired_vs_exact", "headline", "BOOT_ITERS"]
 
 BOOT_ITERS = 10_000
+
+
+def headline(task_entries: dict) -> str:
+    """The metric a task's table leads with: ``acc_norm`` where lm-eval defines it for the task (every
+    arm has it: ARC, OBQA, PIQA, HellaSwag), else ``acc``."""
+    return "acc_norm" if task_entries and all("acc_norm" in e for e in task_entries.values()) else "acc"
+
+
+def paired_vs_exact(tasks: dict, seed: int, metric: str = "acc") -> dict:
+    """{task: {arm: paired difference of ``metric`` against exact}} over the items both arms scored
+    (bootstrap CI with ``BOOT_ITERS`` resamples and ``seed``, McNemar's exact p)."""
+    paired: dict = {}
+    for task, arms in tasks.items():
+        if "exact" not in arms or any(metric not in it for it in arms["exact"]["items"]):
+            continue
+        base = {it["doc_id"]: it[metric] for it in arms["exact"]["items"]}
+        for arm, entry in arms.items():
+            if arm == "exact" or any(metric not in it for it in entry["items"]):
+                continue
+            ids = [it["doc_id"] for it in entry["items"] if it["doc_id"] in base]
+            mine = {it["doc_id"]: it[metric] for it in entry["items"]}
+            p = stats.paired([base[i] for i in ids], [mine[i] for i in ids], BOOT_ITERS, seed)
+            paired.setdefault(task, {})[arm] = {"diff": p.diff, "lo": p.lo, "hi": p.hi, "n": p.n,
+                                                "b": p.b, "c": p.c, "p_mcnemar": p.p_mcnemar}
+    return paired
 
 
 def assemble(run_dir: Path) -> dict:
@@ -31,19 +56,8 @@ def assemble(run_dir: Path) -> dict:
         if norm and len(norm) == len(scores):
             entry["acc_norm"], entry["acc_norm_se"] = stats.mean_se(norm)
         tasks.setdefault(task, {})[arm] = entry
-    paired: dict = {}
-    for task, arms in tasks.items():
-        if "exact" not in arms:
-            continue
-        base = {it["doc_id"]: it["acc"] for it in arms["exact"]["items"]}
-        for arm, entry in arms.items():
-            if arm == "exact":
-                continue
-            ids = [it["doc_id"] for it in entry["items"] if it["doc_id"] in base]
-            mine = {it["doc_id"]: it["acc"] for it in entry["items"]}
-            p = stats.paired([base[i] for i in ids], [mine[i] for i in ids], BOOT_ITERS, seed)
-            paired.setdefault(task, {})[arm] = {"diff": p.diff, "lo": p.lo, "hi": p.hi, "n": p.n,
-                                                "b": p.b, "c": p.c, "p_mcnemar": p.p_mcnemar}
+    paired = paired_vs_exact(tasks, seed, "acc")
+    paired_norm = paired_vs_exact(tasks, seed, "acc_norm")
     div: dict = {}
     for (arm, task), part in div_parts.items():
         items = part["items"]
@@ -57,7 +71,8 @@ def assemble(run_dir: Path) -> dict:
             "n": len(items), "kl": kl_m, "kl_se": kl_se, "top1": t1_m, "top1_se": t1_se,
             "ll_mean": ll / len(items), "bpb": -ll / (math.log(2) * n_bytes) if n_bytes else float("nan"),
             "seconds": part["seconds"], "items": items}
-    results = {**meta, "seed": seed, "tasks": tasks, "paired_vs_exact": paired, "divergence": div,
+    results = {**meta, "seed": seed, "tasks": tasks, "paired_vs_exact": paired,
+               "paired_vs_exact_norm": paired_norm, "divergence": div,
                "bootstrap_iters": BOOT_ITERS}
     store.write_json(run_dir / "results.json", results)
     return results
