@@ -289,7 +289,7 @@ def energy_markdown(rep: dict) -> str:
 
 # -- the paper's printed gate counts and energy figures beside ours -------------------------
 
-# /work/shared/PAPER.md, "Gate counts (§2.3.2, Eq. 6-8) and energy claims"; checked against the
+# shared/PAPER.md (beside the repository), "Gate counts (§2.3.2, Eq. 6-8) and energy claims"; checked against the
 # markdown by tests/test_analysis_paper.py
 PAPER_CLAIMS = {
     "element_wise_saving": 0.95, "dot_product_saving": 0.80, "fp32_mul_over_int32_add": 37,

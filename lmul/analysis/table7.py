@@ -135,7 +135,7 @@ def relative_markdown(rows: list[dict]) -> str:
 BF16_MANTISSA_BITS = 7
 TABLE7_KS = tuple(range(1, 7))
 
-# /work/shared/PAPER.md, Table 7 (Appendix A), K = 1..6, to the paper's printed digits;
+# shared/PAPER.md (beside the repository), Table 7 (Appendix A), K = 1..6, to the paper's printed digits;
 # tests/test_analysis_paper.py parses PAPER.md and checks these.
 PAPER_TABLE7 = {
     "even, abs[f1(n=7,k)]": (0.68, 0.35, 0.17, 0.081, 0.035, 0.012),
