@@ -29,13 +29,14 @@ from typing import Optional
 
 import torch
 
-from lmul.formats import quantize
 from lmul.spec import LMulSpec
 
 __all__ = ["matmul_grads", "mul_grads"]
 
 
 def _q(x: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
+    from lmul.elementwise import quantize  # the fastest quantize backend (the compiled one on CPU); same values
+
     return quantize(x.detach(), spec.fmt, spec.rounding)
 
 
@@ -44,7 +45,8 @@ def matmul_grads(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMu
     """``(dA, dB)`` of ``C = L-Matmul(A, B)`` (torch.matmul shapes): ``mm(dC, B_q^T)`` and
     ``mm(A_q^T, dC)``, reduced over broadcast batch dimensions, in the operands' dtypes (None where not
     needed). ``mm`` is ``torch.matmul`` (``backward="exact"``) or the forward's L-Matmul (``"same"``)."""
-    aq, bq = _q(a, spec), _q(b, spec)
+    aq = _q(a, spec) if needs[1] else a.detach()   # dA needs only B_q, dB only A_q
+    bq = _q(b, spec) if needs[0] else b.detach()
     a2 = aq.unsqueeze(0) if a.dim() == 1 else aq     # [..., M, K]
     b2 = bq.unsqueeze(-1) if b.dim() == 1 else bq    # [..., K, N]
     g = grad.float()
@@ -65,7 +67,8 @@ def mul_grads(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, spec: LMulSp
     """``(dx, dy)`` of ``P = mul(x, y)`` (broadcasting): ``mul(dP, y_q)`` and ``mul(dP, x_q)``, summed
     to the operands' shapes, in their dtypes (None where not needed). ``mul`` is ``torch.mul``
     (``backward="exact"``) or the forward's L-Mul (``"same"``)."""
-    xq, yq = _q(x, spec), _q(y, spec)
+    xq = _q(x, spec) if needs[1] else None
+    yq = _q(y, spec) if needs[0] else None
     g = grad.float()
     gx = mul(g, yq).sum_to_size(x.shape).to(x.dtype) if needs[0] else None
     gy = mul(g, xq).sum_to_size(y.shape).to(y.dtype) if needs[1] else None

@@ -51,7 +51,12 @@ PRESETS: dict[str, tuple[dict, str]] = {
     "lmul-k4": (dict(fmt="e8m4", mode="bit", rounding="trunc"), "attention"),  # Table 5, k = 4
     "lmul-formula": (dict(fmt="bf16", mode="formula"), "attention"),        # Eq. 1 as real arithmetic
     "mitchell": (dict(fmt="bf16", mode="bit", offset=0.0), "attention"),    # offset 0 (Mitchell 1962)
-    "lmul-all": (dict(fmt="bf16", mode="bit"), "all"),                      # Table 6: every multiply
+    "lmul-all": (dict(fmt="bf16", mode="bit"), "all"),                      # every multiply, bf16 L-Mul
+    # Table 6 (every multiply, "8-bit accumulation"): fp8 operands, accumulator rounded to fp8 every
+    # ACC_BLOCK_T6 products (the reading chosen in docs/finetune.md); L-Mul: e4m3 inputs, k = 3
+    "e4m3-all": (dict(fmt="e4m3", mode="exact", acc="e4m3", acc_block=16), "all"),
+    "e5m2-all": (dict(fmt="e5m2", mode="exact", acc="e5m2", acc_block=16), "all"),
+    "lmul-all-k3": (dict(fmt="e4m3", mode="bit", acc="e4m3", acc_block=16), "all"),
 }
 
 

@@ -121,3 +121,21 @@ def test_fallback_without_kernel(monkeypatch):
     fast = mul(x, y, "e4m3", "formula")
     monkeypatch.setitem(kernels.AUTO_ORDER, "mul", ("reference",))
     _same_bits(mul(x, y, "e4m3", "formula"), fast)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e3m4"])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_operand_pair_bit_identical(fmt, mode):
+    """Every pair of values of the 8-bit formats (all 2^16), normal-range shortcut and the paths
+    around it: the result exponent crosses float32's normal range only through the scale below."""
+    _needs_kernel()
+    f = Format.parse(fmt)
+    steps = torch.arange(2 ** f.man_bits, dtype=torch.float32) / 2 ** f.man_bits
+    mags = torch.cat([steps * 2.0 ** f.emin] + [(1 + steps) * 2.0 ** e for e in range(f.emin, f.emax + 1)])
+    vals = _quantize_torch(torch.cat([mags, -mags]), f, "rne", "saturate").unique()  # every finite value
+    assert vals.numel() >= 2 ** (f.bits - 1) - 2 ** (f.man_bits + 1), vals.numel()
+    for scale in (1.0, 2.0 ** 100, 2.0 ** -110):  # products near 2^127 and 2^-126 as well
+        x = (vals * scale)[:, None].expand(-1, vals.numel())
+        y = vals[None, :].expand(vals.numel(), -1)
+        _same_bits(_fast(x, y, "fp32" if scale != 1.0 else fmt, mode), _oracle(x, y, "fp32" if scale != 1.0 else fmt,
+                                                                               mode))

@@ -384,13 +384,24 @@ void lmul_mul_elem(const float* x, const float* y, int64_t n, float* out, const 
             double mag;
             if (mode == 0) {
                 const int32_t s = mx + my + off, cq = s >> m;
-                const int32_t sig = (s - (cq << m)) + (1 << m);
-                mag = std::ldexp((double)sig, ex + ey + cq - m);
+                const int32_t e = ex + ey + cq;
+                if (e >= -126 && e <= 127) {  // a normal float32: its bits directly (paper Figure 2)
+                    res = u2f(((uint32_t)(e + 127) << 23) | ((uint32_t)(s - (cq << m)) << (23 - m)));
+                } else {
+                    const int32_t sig = (s - (cq << m)) + (1 << m);
+                    mag = std::ldexp((double)sig, e - m);
+                    res = (float)mag;
+                }
             } else {
                 const double frac = (double)(mx + my) * inv;
-                mag = std::ldexp(a1 + frac, ex + ey);
+                const int32_t e = ex + ey;
+                if (e >= -126 && e <= 125) {  // (float)(a1 + frac) in [1, 4]: scaling by 2^e is exact
+                    res = (float)(a1 + frac) * u2f((uint32_t)(e + 127) << 23);
+                } else {
+                    mag = std::ldexp(a1 + frac, e);
+                    res = (float)mag;
+                }
             }
-            res = (float)mag;
             res = neg ? -res : res;
         } else {
             const float gx = kx == 0 ? 0.0f : fx, gy = ky == 0 ? 0.0f : fy;
