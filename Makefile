@@ -5,7 +5,7 @@ PIP     := $(VENV)/bin/pip
 PYTHON  := $(VENV)/bin/python
 EXTRAS  ?= test,eval
 
-.PHONY: run demo test install lint bench clean hw-deps hw-verify hw-table
+.PHONY: run demo test install lint bench clean hw-deps hw-verify hw-table gpu-check
 
 # `make run`: the embedded default evaluation (docs/eval.md). Assets go to a git-ignored folder;
 # rerunning resumes (finished (arm, task) results are skipped). RUN_LIMIT=all evaluates every item.
@@ -60,6 +60,13 @@ hw-verify: install hw-deps
 # the synthesis table of docs/hardware.md
 hw-table: install hw-deps
 	$(VENV)/bin/lmul rtl --synth-table docs/hardware_table.md
+
+# GPU check (issue #16, docs/kernels.md "GPU"): system python3, PYTHONPATH=. (no venv, no install):
+# Triton tests on the device, benchmarks/gpu.py, patched-model check; all under $$OUT or results/gpu-check.
+# DRY=1 (or GPU_CHECK_DRY=1): the same steps at tiny sizes on the CPU (Triton interpreter).
+DRY ?= $(GPU_CHECK_DRY)
+gpu-check:
+	GPU_CHECK_DRY=$(if $(filter 1,$(DRY)),1,0) PYTHON=$(PY) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

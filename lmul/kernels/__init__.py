@@ -18,6 +18,8 @@ Backends:
   matmul with K doubled, bit mode with m <= 4 as one matmul with K times 2^m, exact mode.
 * ``"triton"`` (:mod:`lmul.kernels.triton_lmul`): CUDA, optional triton: exact per-product
   L-Mul for every mode and m, float32 tile sums.
+* ``"triton-tc"`` (:mod:`lmul.kernels.triton_tc`): CUDA sm_80+, optional triton: formula mode and
+  bit mode m <= 4 as bf16/fp16 tensor-core dots with float32 accumulation, quantization fused.
 
 Nothing is compiled and no optional dependency is imported when this package is imported.
 :func:`backends` lists every entry and whether it can run here. See ``docs/kernels.md``.
@@ -31,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from lmul.kernels import cpu_ext, decompose, reference, triton_lmul
+from lmul.kernels import cpu_ext, decompose, reference, triton_lmul, triton_tc
 from lmul.spec import LMulSpec
 
 __all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "OPS", "select", "backends", "get"]
@@ -63,6 +65,8 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("decompose", "matmul", decompose.decompose_matmul, decompose.unavailable, decompose.DESCRIPTION),
     Backend("triton", "matmul", triton_lmul.triton_matmul, triton_lmul.unavailable, triton_lmul.DESCRIPTION,
             triton_lmul.machine),
+    Backend("triton-tc", "matmul", triton_tc.triton_tc_matmul, triton_tc.unavailable, triton_tc.DESCRIPTION,
+            triton_tc.machine),
     Backend("reference", "mul", reference.reference_mul, reference.available,
             "quantize + lmul.ops.products in torch ops (every device)"),
     Backend("cpu", "mul", cpu_ext.cpu_mul, cpu_ext.mul_unavailable,
@@ -75,7 +79,7 @@ BACKENDS: tuple[Backend, ...] = (
 
 # the order backend="auto" tries, per operation: the first available entry runs
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "matmul": ("cpu", "decompose", "triton", "reference"),
+    "matmul": ("cpu", "triton-tc", "decompose", "triton", "reference"),
     "mul": ("cpu", "reference"),
     "quantize": ("cpu", "reference"),
 }

@@ -6,6 +6,8 @@ row or column of C recomputed by the reference backend, so that the contract
 (``docs/semantics.md`` sections 2 and 4) holds exactly there:
 
 * operands that are inf/NaN (and, for some decompositions, values in float32's top binade);
+* rows/columns where a term of a tensor-core decomposition could fall below float32's normal
+  range (:func:`underflow_risk`; only formats with float32's exponent range, ``triton-tc``);
 * rows/columns where a product or a partial sum could leave float32's range: with ``|a_ik| < 2^ea_i``
   and ``|b_kj| < 2^eb_j`` every product has ``|P| < 2^(ea_i + eb_j + 3)`` (L-Mul exceeds the exact
   product by less than a factor 4, quantization rounds up by less than 2), so every partial sum is
@@ -27,7 +29,7 @@ from lmul.kernels.reference import reference_matmul
 from lmul.ops import split
 from lmul.spec import LMulSpec
 
-__all__ = ["fixup", "split_normal", "spec_unsupported", "overflow_risk"]
+__all__ = ["fixup", "split_normal", "spec_unsupported", "overflow_risk", "underflow_risk"]
 
 
 def spec_unsupported(spec: LMulSpec, acc: bool = False) -> str | None:
@@ -76,6 +78,37 @@ def overflow_risk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     if int(risk_rows.sum()) * b.shape[-1] <= int(risk_cols.sum()) * a.shape[1]:
         return risk_rows, cols
     return rows, risk_cols
+
+
+def _low_exponent(x: torch.Tensor, dim: int, emin: int) -> torch.Tensor:
+    """int ``e`` per row (dim=-1) or column (dim=-2) with ``|q| >= 2^e`` for every entry whose
+    quantization ``q`` is normal (``e >= emin``; rounding never crosses the power of two below
+    ``|x|``); 2^20 for rows without a non-zero entry (no term at all)."""
+    mag = x.abs()
+    lo = torch.where(mag > 0, mag, torch.inf).amin(dim).double()    # zeros and NaN do not count
+    e = (torch.frexp(lo).exponent - 1).clamp(min=emin)
+    return torch.where(torch.isinf(lo), 1 << 20, e)
+
+
+def underflow_risk(a: torch.Tensor, b: torch.Tensor, emin: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``a`` [B, M, K] and columns of ``b`` [B, K, N] (bool masks) where a term of a
+    decomposition could fall below 2^-126 (float32 subnormal, whose handling by tensor cores is not
+    IEEE-specified), for operands normal in a format with exponents >= ``emin`` and terms
+    ``>= 2^(xe + ye - shift)``; plus columns whose prepared right operand ``>= 2^(ye - shift)``
+    could be subnormal in bf16. The smaller covering set of the first kind is returned."""
+    rows = torch.zeros(a.shape[:-1], dtype=torch.bool, device=a.device)
+    cols = torch.zeros(b.shape[0], b.shape[-1], dtype=torch.bool, device=b.device)
+    if 2 * emin - shift >= -126 or 0 in a.shape or 0 in b.shape:
+        return rows, cols  # every format with fewer than 8 exponent bits
+    ea, eb = _low_exponent(a, -1, emin), _low_exponent(b, -2, emin)  # [B, M], [B, N]
+    cols = eb - shift < -126
+    risk_rows = ea + eb.amin(-1, keepdim=True) - shift < -126
+    risk_cols = eb + ea.amin(-1, keepdim=True) - shift < -126
+    if not bool(risk_rows.any()):
+        return rows, cols
+    if int(risk_rows.sum()) * b.shape[-1] <= int(risk_cols.sum()) * a.shape[1]:
+        return risk_rows, cols
+    return rows, cols | risk_cols
 
 
 def fixup(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec,
