@@ -158,3 +158,12 @@ def test_table2_avg_is_over_the_common_sense_tasks_when_mmlu_joins():
     assert "| arm | MMLU | CSQA | PIQA | Avg |" in text and "Avg: the common-sense tasks only" in text
     assert "| exact | 0.0 ± 0.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 |" in text  # Avg of CSQA and PIQA
     assert "| *paper: Mistral, bf16* | 62.20 | 71.42 | 80.74 | |" in text
+
+
+def test_wall_time_of_the_sessions():
+    res = _results()
+    assert "wall time" not in report.render(res)  # runs from before sessions were recorded
+    res["sessions"] = [{"started": "a", "finished": "b", "wall_seconds": 60.0, "units": 2}]
+    assert "; wall time 1.0 min\n" in report.render(res)
+    res["sessions"].append({"started": "c", "finished": "d", "wall_seconds": 120.0, "units": 3})
+    assert "; wall time 3.0 min in 2 processes (1.0, 2.0 min)\n" in report.render(res)

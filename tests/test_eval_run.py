@@ -121,6 +121,9 @@ def test_resume_after_interruption(tmp_path, tiny, monkeypatch):
         assert a == b  # resuming gives the results of an uninterrupted run
     res = store.read_json(out / "results.json")
     assert res["tasks"]["piqa"]["lmul"]["n"] == len(ROWS["piqa"])
+    # the process that finished the run records its wall time and the units it computed (6 of 8)
+    (ses,) = store.read_json(out / "config.json")["sessions"]
+    assert ses["units"] == 6 and ses["wall_seconds"] > 0 and ses["started"] <= ses["finished"]
     def no_load(*a, **k):
         raise AssertionError("a finished run must not load the model again")
 

@@ -381,6 +381,17 @@ def plots(results: dict, out: Path) -> list[Path]:
     return made
 
 
+def _sessions(results: dict) -> str:
+    """'; wall time ...' from config.json's ``sessions`` (one per process that computed units), or ''."""
+    ses = results.get("sessions") or []
+    if not ses:
+        return ""
+    total = sum(x["wall_seconds"] for x in ses)
+    mins = ", ".join(f"{x['wall_seconds'] / 60:.1f}" for x in ses)
+    each = f" in {len(ses)} processes ({mins} min)" if len(ses) > 1 else ""
+    return f"; wall time {total / 60:.1f} min{each}"
+
+
 def render(results: dict) -> str:
     c = results["config"]
     v = results.get("versions", {})
@@ -392,7 +403,8 @@ def render(results: dict) -> str:
              f"{c['div_limit'] if c['div_limit'] is not None else c['limit'] or 'all'}; seed {c['seed']}; "
              f"world size {results.get('world_size', 1)}",
              f"- started {results.get('started')}, finished {results.get('finished', '–')}; "
-             f"compute {wall / 60:.1f} min (sum over units) + model load {results.get('model_load_seconds', 0):.0f} s",
+             f"compute {wall / 60:.1f} min (sum over units) + model load {results.get('model_load_seconds', 0):.0f} s"
+             + _sessions(results),
              "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("lmul", "lmul_git", "torch", "transformers",
                                                                   "lm_eval", "datasets") if k in v),
              f"- machine: {v.get('platform', '?')}, {v.get('torch_threads', '?')} torch threads, device {c['device']}",

@@ -175,6 +175,7 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
 def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, loaded: tuple | None,
          data_root: Path | None) -> Path:
     out = Path(out)
+    t_start, started = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     rank, world = harness.init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -239,8 +240,11 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
                 done_new += len(arms)
     if rank == 0:
         meta = store.read_json(out / "config.json")
-        meta.update({"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_desc": desc,
-                     "model_load_seconds": load_s})
+        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        meta.update({"finished": finished, "model_desc": desc, "model_load_seconds": load_s})
+        # the wall time of every process that computed units into this folder (a resumed run has several)
+        meta.setdefault("sessions", []).append({"started": started, "finished": finished,
+                                                "wall_seconds": round(time.time() - t_start, 1), "units": done_new})
         store.write_json(out / "config.json", meta)
         from lmul.eval.results import assemble
         assemble(out)
