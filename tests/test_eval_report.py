@@ -102,8 +102,68 @@ def test_paper_rows_and_difference_of_differences():
 
 
 def test_paper_rows_render_for_tasks_the_paper_lacks():
-    res = _results()  # MMLU only, in our Table 3 layout: the paper has MMLU in Table 2
+    res = _results()  # MMLU only: in the layout of the paper's Table 2, where the paper has MMLU
     text = report.render(res)
+    assert "### MMLU and common-sense reasoning (layout of the paper's Table 2)" in text and "Table 3)" not in text
     assert "| *paper: Mistral, bf16* | 62.20 |" in text
     res["tasks"]["winogrande"] = res["tasks"].pop("mmlu")  # a task the paper does not have: no paper rows
     assert "*paper" not in report.render(res)
+
+
+def _table5_results():
+    """MMLU, 4 items, the arms of the paper's Table 5; lmul-k2 swaps all four answers, the others none."""
+    from lmul.eval.results import paired_vs_exact
+
+    ref = [1, 1, 0, 0]
+    arms = {"exact": ref, "e4m3": ref, "e5m2": ref, "lmul-k4": ref, "lmul-k3": ref, "lmul-k2": [0, 0, 1, 1]}
+    tasks = {"mmlu": {a: {"n": 4, "acc": sum(v) / 4, "se": 0.25, "seconds": 1.0,
+                          "items": [{"doc_id": i, "acc": float(x), "lls": [0.0] * 4, "subgroup": "law"}
+                                    for i, x in enumerate(v)]} for a, v in arms.items()}}
+    div = {"mmlu": {a: {"n": 4, "kl": 0.01 * (i + 1), "kl_se": 0.001, "top1": 0.9, "top1_se": 0.01, "ll_mean": -1.0,
+                        "bpb": 1.0, "seconds": 1.0, "items": []} for i, a in enumerate(arms)}}
+    return {"config": {"arms": list(arms), "model": "m", "limit": None, "div_limit": None, "seed": 0,
+                       "tasks": ["mmlu"], "device": "cpu"}, "model_desc": "Tiny (x)",
+            "seed": 0, "tasks": tasks, "paired_vs_exact": paired_vs_exact(tasks, 0), "divergence": div}
+
+
+def test_mmlu_in_the_layout_of_table5():
+    text = report.render(_table5_results())
+    assert "### MMLU with k-bit operands (layout of the paper's Table 5)" in text
+    lines = text.splitlines()
+    i = lines.index("| model | exact (paper: BF16) | e4m3 | e5m2 | L-Mul k=4 | k=3 | k=2 |")
+    assert lines[i + 2] == "| ours: Tiny | " + " | ".join(["50.0 ± 25.0"] * 6) + " |"
+    # the paper's Table 5 rows; its BF16 MMLU is Table 2's
+    assert lines[i + 3] == "| *paper: Mistral-7b-Instruct-v0.3* | 62.20 | 62.18 | 61.75 | 62.16 | 62.06 | 61.08 |"
+    assert lines[i + 4] == "| *paper: Llama-3.1-8B-Instruct* | 68.86 | 68.16 | 66.61 | 68.43 | 68.12 | 66.67 |"
+    ours = lines[i + 5]
+    assert ours.startswith("| ours: arm − exact [95% CI] | | +0.0 [+0.0, +0.0] | ")
+    # paper differences against BF16; † where outside our CI: every arm but k=2 (no change: CI [0, 0]);
+    # k=2 swaps all four answers, so its bootstrap CI is wide and holds -1.12 / -2.19
+    assert lines[i + 6] == "| *paper: Mistral arm − BF16* | | -0.02† | -0.45† | -0.04† | -0.14† | -1.12 |"
+    assert lines[i + 7] == "| *paper: Llama arm − BF16* | | -0.70† | -2.25† | -0.43† | -0.74† | -2.19 |"
+    assert lines[i + 8].startswith("| ours: KL(exact ‖ arm), nats | | 0.02 ± 0.001 | 0.03 ± 0.001 | ")
+    assert lines[i + 9].startswith("| ours: top-1 agreement | | 90.0 ± 1.0 |")
+    res = _table5_results()  # no L-Mul k arm and no fp8 arm: no Table 5 layout
+    for a in ("e4m3", "e5m2", "lmul-k4", "lmul-k3", "lmul-k2"):
+        del res["tasks"]["mmlu"][a]
+    assert "Table 5)" not in report.render(res)
+
+
+def test_table2_avg_is_over_the_common_sense_tasks_when_mmlu_joins():
+    res = _table2_results(with_norm=False)
+    res["tasks"]["mmlu"] = {a: {"n": 2, "acc": 0.0, "se": 0.0, "seconds": 1.0,
+                                "items": [{"doc_id": i, "acc": 0.0, "lls": [0.0] * 4} for i in range(2)]}
+                            for a in ("exact", "e5m2", "lmul")}
+    text = report.render(res)
+    assert "| arm | MMLU | CSQA | PIQA | Avg |" in text and "Avg: the common-sense tasks only" in text
+    assert "| exact | 0.0 ± 0.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 |" in text  # Avg of CSQA and PIQA
+    assert "| *paper: Mistral, bf16* | 62.20 | 71.42 | 80.74 | |" in text
+
+
+def test_wall_time_of_the_sessions():
+    res = _results()
+    assert "wall time" not in report.render(res)  # runs from before sessions were recorded
+    res["sessions"] = [{"started": "a", "finished": "b", "wall_seconds": 60.0, "units": 2}]
+    assert "; wall time 1.0 min\n" in report.render(res)
+    res["sessions"].append({"started": "c", "finished": "d", "wall_seconds": 120.0, "units": 3})
+    assert "; wall time 3.0 min in 2 processes (1.0, 2.0 min)\n" in report.render(res)

@@ -121,6 +121,9 @@ def test_resume_after_interruption(tmp_path, tiny, monkeypatch):
         assert a == b  # resuming gives the results of an uninterrupted run
     res = store.read_json(out / "results.json")
     assert res["tasks"]["piqa"]["lmul"]["n"] == len(ROWS["piqa"])
+    # the process that finished the run records its wall time and the units it computed (6 of 8)
+    (ses,) = store.read_json(out / "config.json")["sessions"]
+    assert ses["units"] == 6 and ses["wall_seconds"] > 0 and ses["started"] <= ses["finished"]
     def no_load(*a, **k):
         raise AssertionError("a finished run must not load the model again")
 
@@ -185,3 +188,65 @@ def test_model_from_a_local_folder(tmp_path, tiny):
     assert desc == str(tmp_path / "m") and len(tok2) == len(tok)
     with pytest.raises(ValueError, match="is a file"):
         models.load(str(tmp_path / "m" / "config.json"))
+
+
+def test_div_limit_beyond_limit_takes_gold_from_the_data(tmp_path, tiny):
+    """GSM8K: generation on the first --limit items, the divergence (gold bpb) pass on --div-limit items
+    ('all' = every item); the extra items' gold sequences are the request dump's, scored like the others."""
+    from tests._eval_fixtures import GSM8K, write_gsm8k
+
+    model, tok, _ = tiny
+    data = write_fixtures(tmp_path)
+    write_gsm8k(data)
+    kw = dict(tasks=("gsm8k",), arms=("exact", "lmul"), batch_size=4, max_length=512, limit=2)
+    full = tmp_path / "all"
+    run(EvalConfig(div_limit="all", **kw), full, loaded=tiny, data_root=data)
+    res = store.read_json(full / "results.json")
+    assert res["tasks"]["gsm8k"]["exact"]["n"] == 2 and res["tasks"]["gsm8k"]["lmul"]["n"] == 2
+    acc = store.read_json(store.part_path(full, "acc", "exact", "gsm8k"))["items"]
+    for it in acc:  # the accuracy records' gold is the same field of the same document
+        assert (it["context"], it["gold"]) == (GSM8K[it["doc_id"]]["request"]["context"],
+                                               GSM8K[it["doc_id"]]["request"]["continuation"])
+    for arm in ("exact", "lmul"):
+        d = res["divergence"]["gsm8k"][arm]
+        assert d["n"] == len(GSM8K) and [it["doc_id"] for it in d["items"]] == list(range(len(GSM8K)))
+    for it in res["divergence"]["gsm8k"]["exact"]["items"]:  # our own teacher-forced gold ll
+        req = GSM8K[it["doc_id"]]["request"]
+        ids, start = divergence.encode_pair(tok, req["context"], req["continuation"], 512)
+        lp = divergence.log_probs(model, ids)
+        assert it["ll"] == pytest.approx(divergence.compare(lp, lp, ids, start, 1).ll, abs=1e-5)
+        assert it["n_bytes"] == len(req["continuation"].encode()) and it["kl"] == 0
+    assert all(it["kl"] > 0 for it in res["divergence"]["gsm8k"]["lmul"]["items"])
+    assert "divergence items: all" in report.build(full).read_text()
+    # --div-limit 3: the first three; the default (= --limit): the accuracy pass's two, the same records
+    three = tmp_path / "three"
+    run(EvalConfig(div_limit=3, **kw), three, loaded=tiny, data_root=data)
+    two = tmp_path / "two"
+    run(EvalConfig(**kw), two, loaded=tiny, data_root=data)
+    for arm in ("exact", "lmul"):
+        every = store.read_json(store.part_path(full, "div", arm, "gsm8k"))["items"]
+        assert store.read_json(store.part_path(three, "div", arm, "gsm8k"))["items"] == every[:3]
+        assert store.read_json(store.part_path(two, "div", arm, "gsm8k"))["items"] == every[:2]
+    with pytest.raises(ValueError, match="different settings"):  # the divergence size is part of a run's identity
+        run(EvalConfig(div_limit=4, **kw), three, loaded=tiny, data_root=data)
+
+
+@pytest.mark.parametrize("kw,ok", [
+    (dict(tasks=("gsm8k",), limit=2, div_limit="all"), True),
+    (dict(tasks=("gsm8k",), limit=2, div_limit=1319), True),
+    (dict(tasks=("piqa",), limit=None, div_limit="all"), True),  # no --limit: every item anyway
+    (dict(tasks=("piqa",), limit=5, div_limit=5), True),
+    (dict(tasks=("piqa",), limit=5, div_limit=6, divergence=False), True),  # no divergence pass
+    (dict(tasks=("piqa",), limit=5, div_limit=6), False),  # lm-eval builds piqa's gold: not in the data
+    (dict(tasks=("gsm8k", "mmlu"), limit=5, div_limit="all"), False),
+    (dict(tasks=("gsm8k",), div_limit="some"), False),
+    (dict(tasks=("gsm8k",), div_limit=-1), False),
+    (dict(tasks=("gsm8k",), div_limit=True), False),
+])
+def test_div_limit_validation(kw, ok):
+    if ok:
+        cfg = EvalConfig(**kw)
+        assert cfg.n_div == (None if kw["div_limit"] == "all" else kw["div_limit"])
+    else:
+        with pytest.raises(ValueError):
+            EvalConfig(**kw)

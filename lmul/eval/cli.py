@@ -150,8 +150,10 @@ def register(sub) -> None:
                    f"{', '.join(PRESETS)} ('exact' is always added)")
     p.add_argument("--limit", type=_limit, default=None, help="first N >= 1 items per task ('all' = every item, "
                    "the default)")
-    p.add_argument("--div-limit", type=int_arg(0), default=None, help="items per task in the divergence pass "
-                   "(default: same as --limit; 0 skips it)")
+    p.add_argument("--div-limit", type=int_arg(0, also=("all",)), default=None,
+                   help="items per task in the divergence pass (default: same as --limit; 0 skips it; 'all' = every "
+                   "item). More than --limit (e.g. GSM8K: gold bpb on all 1319 items, generation on --limit) only "
+                   "for tasks whose gold sequence is in the data: gsm8k")
     p.add_argument("--per-subject", type=int_arg(1), default=None, metavar="N",
                    help="MMLU: only the first N test items of every subject (a stratified subset; "
                         "--limit then applies to it)")

@@ -24,9 +24,12 @@ PAPER_NOTE = ("Paper rows: the published accuracies of arXiv:2410.00907 v2 (Tabl
               "paper's arm minus its own BFloat16 row beside ours against `exact`; † marks a paper difference "
               "outside our 95% CI.")
 
-TABLE2_TASKS = ("arc_challenge", "commonsense_qa", "openbookqa", "piqa", "social_iqa")
-TABLE3_TASKS = ("mmlu", "gsm8k")
+COMMONSENSE = ("arc_challenge", "commonsense_qa", "openbookqa", "piqa", "social_iqa")
+TABLE2_TASKS = ("mmlu",) + COMMONSENSE  # the paper's Table 2 (its BBH column we do not run); Avg: COMMONSENSE
+TABLE3_TASKS = ("gsm8k",)
 TABLE5_ARMS = ("e5m2", "e4m3", "lmul-k2", "lmul-k3", "lmul-k4", "lmul")
+TABLE5_COLUMNS = (("e4m3", "e4m3"), ("e5m2", "e5m2"), ("lmul-k4", "L-Mul k=4"), ("lmul-k3", "k=3"),
+                  ("lmul-k2", "k=2"))  # the paper's Table 5, in its order
 
 
 def _col(task: str) -> str:
@@ -61,8 +64,8 @@ def _paper_rows(tasks: tuple[str, ...]) -> list[str]:
     rows = []
     for m, a in keys:
         cells = [_num(PAPER.get((_paper_table(t), m, a, t))) for t in tasks]
-        tail = f" | {_num(PAPER.get(('table2', m, a, 'avg')))} |" if avg and tasks == TABLE2_TASKS else (
-            " | |" if avg else " |")
+        tail = f" | {_num(PAPER.get(('table2', m, a, 'avg')))} |" if avg and COMMONSENSE == tuple(
+            t for t in tasks if t in COMMONSENSE) else (" | |" if avg else " |")
         rows.append(f"| *paper: {MODELS[m].split('-')[0]}, {a}* | " + " | ".join(cells) + tail)
     return rows
 
@@ -151,9 +154,12 @@ def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "
     normed = [t for t in tasks if metric[t] == "acc_norm"]
     head = "| arm | " + " | ".join(_col(t) + (" (acc_norm)" if t in normed else "") for t in tasks) + (
         " | Avg |" if len(tasks) > 1 else " |")
+    avg_tasks = tuple(t for t in tasks if t in COMMONSENSE) if table == "2" and any(
+        t in COMMONSENSE for t in tasks) else tasks
     lines = [f"### {title}", "", "Accuracy in % ± standard error (n items per task in the header row below). "
              + ("Where lm-eval defines `acc_norm` (length-normalised log-likelihood: ARC, OBQA, PIQA, HellaSwag) "
                 "the cell leads with it, `acc` in parentheses. " if normed else "")
+             + ("Avg: the common-sense tasks only, as the paper's. " if avg_tasks != tasks else "")
              + "*chance*: the mean over items of 1 / number of choices.", "",
              head, "|" + "---|" * (len(tasks) + 1 + (len(tasks) > 1))]
     lines.append("| n | " + " | ".join(str(results["tasks"][t].get("exact", next(iter(results["tasks"][t].values())))
@@ -170,11 +176,13 @@ def _acc_table(results: dict, tasks: tuple[str, ...], title: str, table: str = "
                 continue
             if metric[t] == "acc_norm":
                 cells.append(f"{_pct(e['acc_norm'], e['acc_norm_se'])} ({_pct(e['acc'])})")
-                vals.append(e["acc_norm"])
+                if t in avg_tasks:
+                    vals.append(e["acc_norm"])
             else:
                 cells.append(_pct(e["acc"], e["se"]))
-                vals.append(e["acc"])
-        avg = f" | {_pct(float(np.mean(vals)))}" if len(tasks) > 1 and len(vals) == len(tasks) else (
+                if t in avg_tasks:
+                    vals.append(e["acc"])
+        avg = f" | {_pct(float(np.mean(vals)))}" if len(tasks) > 1 and len(vals) == len(avg_tasks) else (
             " | –" if len(tasks) > 1 else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + avg + " |")
     lines += _paper_rows(tasks) if table else []
@@ -235,12 +243,55 @@ def _subgroup_tables(results: dict) -> list[str]:
     return lines
 
 
+def _table5_mmlu(results: dict) -> list[str]:
+    """MMLU in the layout of the paper's Table 5 (columns e4m3, e5m2, L-Mul k=4, 3, 2; one row per model):
+    our accuracies with the paper's rows beneath, then the differences against the exact / BFloat16 row
+    (the paper's Table 5 prints no BFloat16 row: its Table 2 MMLU), then our divergence on MMLU."""
+    per = results["tasks"].get("mmlu", {})
+    cols = [(a, h) for a, h in TABLE5_COLUMNS if a in per]
+    if "exact" not in per or not cols:
+        return []
+    div = (results.get("divergence") or {}).get("mmlu", {})
+    paired = results["paired_vs_exact"].get("mmlu", {})
+    name = results.get("model_desc", results["config"]["model"]).split(" (")[0]
+    n = per["exact"]["n"]
+    lines = ["### MMLU with k-bit operands (layout of the paper's Table 5)", "",
+             f"Accuracy in % (5-shot, {n} items; ± standard error). The paper's Table 5 prints no BFloat16 column: "
+             "its BFloat16 MMLU is Table 2's, shown under *exact*. Differences in points: ours arm − `exact` with the "
+             "95% paired bootstrap CI, the paper's arm − its BFloat16; † = a paper difference outside our CI. "
+             "KL and top-1: our divergence pass on MMLU's gold sequences (prompt + correct letter).", "",
+             "| model | exact (paper: BF16) | " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * (len(cols) + 2),
+             f"| ours: {name} | {_pct(per['exact']['acc'], per['exact']['se'])} | "
+             + " | ".join(_pct(per[a]["acc"], per[a]["se"]) for a, _ in cols) + " |"]
+    for m in ("mistral", "llama"):
+        lines.append(f"| *paper: {MODELS[m]}* | {_num(PAPER.get(('table5', m, 'bf16', 'mmlu')))} | "
+                     + " | ".join(_num(PAPER.get(("table5", m, a, "mmlu"))) for a, _ in cols) + " |")
+    cells = []
+    for a, _ in cols:
+        p = paired.get(a)
+        cells.append(f"{100 * p['diff']:+.1f} [{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}]" if p else "–")
+    lines.append("| ours: arm − exact [95% CI] | | " + " | ".join(cells) + " |")
+    for m in ("mistral", "llama"):
+        cells = []
+        for a, _ in cols:
+            d, p = paper_delta("table5", m, a, "mmlu"), paired.get(a)
+            out = d is not None and p is not None and not (100 * p["lo"] <= d <= 100 * p["hi"])
+            cells.append("–" if d is None else f"{d:+.2f}{'†' if out else ''}")
+        lines.append(f"| *paper: {MODELS[m].split('-')[0]} arm − BF16* | | " + " | ".join(cells) + " |")
+    if div:
+        lines.append("| ours: KL(exact ‖ arm), nats | | " + " | ".join(
+            f"{div[a]['kl']:.3g} ± {div[a]['kl_se']:.2g}" if a in div else "–" for a, _ in cols) + " |")
+        lines.append("| ours: top-1 agreement | | " + " | ".join(
+            _pct(div[a]["top1"], div[a]["top1_se"]) if a in div else "–" for a, _ in cols) + " |")
+    return lines + [""]
+
+
 def _table5(results: dict) -> list[str]:
     arms = [a for a in TABLE5_ARMS if a in _arms(results)]
     if not any(a.startswith("lmul-k") for a in arms):
         return []
     tasks = [t for t in results["tasks"]]
-    lines = ["### Operand precision (layout of the paper's Table 5: L-Mul with k mantissa bits vs fp8)", "",
+    lines = ["### Operand precision over all tasks of this run (L-Mul with k mantissa bits vs fp8)", "",
              "Mean accuracy over the tasks of this run (%), and mean KL(exact ‖ arm) over the divergence tasks.", "",
              "| arm | operands | mean acc | mean KL (nats) | paper MMLU − BFloat16 (M, L) |", "|---|---|---|---|---|"]
     ops = {"e5m2": "fp8 e5m2, exact", "e4m3": "fp8 e4m3, exact", "lmul-k2": "e8m2 (k=2), L-Mul",
@@ -330,6 +381,17 @@ def plots(results: dict, out: Path) -> list[Path]:
     return made
 
 
+def _sessions(results: dict) -> str:
+    """'; wall time ...' from config.json's ``sessions`` (one per process that computed units), or ''."""
+    ses = results.get("sessions") or []
+    if not ses:
+        return ""
+    total = sum(x["wall_seconds"] for x in ses)
+    mins = ", ".join(f"{x['wall_seconds'] / 60:.1f}" for x in ses)
+    each = f" in {len(ses)} processes ({mins} min)" if len(ses) > 1 else ""
+    return f"; wall time {total / 60:.1f} min{each}"
+
+
 def render(results: dict) -> str:
     c = results["config"]
     v = results.get("versions", {})
@@ -341,15 +403,18 @@ def render(results: dict) -> str:
              f"{c['div_limit'] if c['div_limit'] is not None else c['limit'] or 'all'}; seed {c['seed']}; "
              f"world size {results.get('world_size', 1)}",
              f"- started {results.get('started')}, finished {results.get('finished', '–')}; "
-             f"compute {wall / 60:.1f} min (sum over units) + model load {results.get('model_load_seconds', 0):.0f} s",
+             f"compute {wall / 60:.1f} min (sum over units) + model load {results.get('model_load_seconds', 0):.0f} s"
+             + _sessions(results),
              "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("lmul", "lmul_git", "torch", "transformers",
                                                                   "lm_eval", "datasets") if k in v),
              f"- machine: {v.get('platform', '?')}, {v.get('torch_threads', '?')} torch threads, device {c['device']}",
              "", PAPER_NOTE, ""]
-    lines += _acc_table(results, TABLE2_TASKS, "Common-sense reasoning (layout of the paper's Table 2)", "2")
-    lines += _acc_table(results, TABLE3_TASKS, "MMLU and GSM8K (layout of the paper's Table 3)", "3")
+    t2 = "MMLU and common-sense reasoning" if "mmlu" in results["tasks"] else "Common-sense reasoning"
+    lines += _acc_table(results, TABLE2_TASKS, f"{t2} (layout of the paper's Table 2)", "2")
+    lines += _acc_table(results, TABLE3_TASKS, "GSM8K (layout of the paper's Table 3)", "3")
     others = tuple(t for t in results["tasks"] if t not in TABLE2_TASKS + TABLE3_TASKS)
     lines += _acc_table(results, others, "Other tasks")
+    lines += _table5_mmlu(results)
     lines += _table5(results)
     lines += _div_table(results)
     lines += _subgroup_tables(results)

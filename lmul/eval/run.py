@@ -27,6 +27,7 @@ from lmul.eval.tasks import TASKS, materialize, resolve_tasks
 from lmul.patch import patch
 from lmul.spec import PRESETS
 
+FULL_DIV_KINDS = ("generate",)  # kinds whose gold sequence (context, continuation) is a field of the data
 ARMS = tuple(PRESETS)  # an arm is a preset: an LMulSpec and where it goes (lmul.spec.PRESETS)
 # fields that must match to resume into an existing run folder
 IDENTITY = ("model", "limit", "seed", "max_length", "div_limit", "device", "per_subject")
@@ -42,7 +43,10 @@ class EvalConfig:
     batch_size: int = 16
     max_length: int = 2048
     divergence: bool = True
-    div_limit: int | None = None  # items per task in the divergence pass; None = same as limit
+    # items per task in the divergence pass; None = same as limit; "all" = every item of the task. More
+    # items than the accuracy pass took (GSM8K's gold bpb on all items, generation on a subset) only for
+    # tasks whose gold sequence is in the data (FULL_DIV_KINDS)
+    div_limit: int | str | None = None
     per_subject: int | None = None  # MMLU: the first N items of every subject (None: all)
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -60,8 +64,15 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
         if self.per_subject is not None and (isinstance(self.per_subject, bool) or self.per_subject < 1):
             raise ValueError(f"per_subject must be >= 1 or None, got {self.per_subject}")
-        if self.div_limit is not None and self.div_limit < 0:
-            raise ValueError(f"div_limit must be >= 0 or None, got {self.div_limit}")
+        if self.div_limit is not None and self.div_limit != "all" and (
+                isinstance(self.div_limit, bool) or not isinstance(self.div_limit, int) or self.div_limit < 0):
+            raise ValueError(f"div_limit must be an integer >= 0, 'all' or None, got {self.div_limit!r}")
+        if self.divergence and self.div_beyond_limit:
+            bad = [t for t in self.tasks if TASKS[t].kind not in FULL_DIV_KINDS]
+            if bad:
+                raise ValueError(f"--div-limit {self.div_limit} exceeds --limit {self.limit}: only tasks whose gold "
+                                 f"sequence is in the data (gsm8k) can take more divergence items than accuracy "
+                                 f"items; {', '.join(bad)} cannot (give --div-limit <= --limit for them)")
 
     @classmethod
     def build(cls, tasks: str, arms: str, **kw) -> EvalConfig:
@@ -72,7 +83,18 @@ class EvalConfig:
 
     @property
     def n_div(self) -> int | None:
+        """Items per task in the divergence pass (None: every item of the task)."""
+        if self.div_limit == "all":
+            return None
         return self.limit if self.div_limit is None else self.div_limit
+
+    @property
+    def div_beyond_limit(self) -> bool:
+        """The divergence pass takes items the accuracy pass did not (``div_limit`` > ``limit``). MMLU's
+        ``per_subject`` filters the data itself, so both passes see the same subset."""
+        if self.limit is None:
+            return False
+        return self.n_div is None or self.n_div > self.limit
 
 
 def arm_context(model, arm: str):
@@ -153,6 +175,7 @@ def run(cfg: EvalConfig, out: Path, allow_fetch: bool = True, stop_after: int | 
 def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, loaded: tuple | None,
          data_root: Path | None) -> Path:
     out = Path(out)
+    t_start, started = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     rank, world = harness.init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -207,6 +230,8 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
                 if stop_after is not None and done_new >= stop_after:
                     return out / "results.json"
                 exact_items = store.read_json(store.part_path(out, "acc", "exact", tname))["items"]
+                if cfg.div_beyond_limit:  # more items than the accuracy pass took: their gold from the data
+                    exact_items = divergence_items(TASKS[tname], tm, exact_items, cfg.n_div)
                 recs, secs = divergence_pass(model, tok, arms, exact_items[:cfg.n_div], cfg.max_length, rank, world)
                 if rank == 0:
                     for a in arms:
@@ -215,12 +240,37 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
                 done_new += len(arms)
     if rank == 0:
         meta = store.read_json(out / "config.json")
-        meta.update({"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_desc": desc,
-                     "model_load_seconds": load_s})
+        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        meta.update({"finished": finished, "model_desc": desc, "model_load_seconds": load_s})
+        # the wall time of every process that computed units into this folder (a resumed run has several)
+        meta.setdefault("sessions", []).append({"started": started, "finished": finished,
+                                                "wall_seconds": round(time.time() - t_start, 1), "units": done_new})
         store.write_json(out / "config.json", meta)
         from lmul.eval.results import assemble
         assemble(out)
     return out / "results.json"
+
+
+def divergence_items(task, task_manager, scored: list[dict], n: int | None) -> list[dict]:
+    """The first ``n`` items (None: all) of ``task`` for the divergence pass, as {doc_id, context, gold}:
+    the accuracy pass's records where it has them, the rest built from lm-eval's documents of the same
+    task (``eval_docs``, whose position is lm-eval's doc_id) -- only for kinds whose gold sequence is a
+    field of the document (GSM8K: ``request.context`` / ``request.continuation``, which the accuracy
+    records take from the same field)."""
+    if task.kind not in FULL_DIV_KINDS:
+        raise ValueError(f"{task.name}: its gold sequence is built by lm-eval's prompt, not stored in the data; "
+                         f"the divergence pass can only take the items the accuracy pass scored")
+    docs = task_manager.load([task.lm_eval_name])["tasks"][task.lm_eval_name].eval_docs
+    have = {it["doc_id"]: it for it in scored}
+    total = len(docs) if n is None else min(n, len(docs))
+    out = []
+    for i in range(total):
+        if i in have:
+            out.append(have[i])
+        else:
+            req = docs[i]["request"]
+            out.append({"doc_id": i, "context": req["context"], "gold": req["continuation"]})
+    return out
 
 
 def divergence_pass(model, tok, arms: list[str], items: list[dict], max_length: int, rank: int = 0,
