@@ -21,6 +21,7 @@ _COMMAND_MODULES = [
     "lmul.hw.cli",
     "lmul.bench",
     "lmul.eval.cli",
+    "lmul.finetune.cli",
 ]
 USAGE_ERROR = 2  # argparse's status for a bad invocation; main uses it for every user error
 

@@ -115,11 +115,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from lmul.eval import report
+    from lmul.finetune import report as ft_report
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise CliError(f"{args.run_dir!r} is {'a file' if run_dir.exists() else 'missing'}; "
-                       f"give a run folder (written by lmul eval --out)")
+                       f"give a run folder (written by lmul eval --out or lmul finetune --out)")
+    if ft_report.is_finetune_run(run_dir):
+        report = ft_report
     try:
         print(report.build(run_dir, reassemble=not args.from_json))
     except (KeyError, TypeError, AttributeError, IndexError) as e:  # valid JSON of the wrong shape

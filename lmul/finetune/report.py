@@ -1,0 +1,235 @@
+"""``results.json``, ``report.md`` and ``loss_curve.png`` of a fine-tuning run (:mod:`lmul.finetune.run`),
+assembled from the files the run writes; ``lmul report <out>`` rebuilds them.
+
+Paired comparisons (:mod:`lmul.eval.stats`) are on the same held-out items: bits per byte with the
+paired bootstrap, exact match with the paired bootstrap and McNemar's exact test. The paper's
+Table 6 (Gemma2-2b-It fine-tuned on GSM8k's train split, zero-shot GSM8k accuracy; ``lmul.eval.paper``)
+prints no unquantized row, so its differences are against its e4m3 column, as ours beside them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from lmul.eval import stats, store
+from lmul.eval.paper import PAPER
+from lmul.files import atomic_write, write_json
+
+PAPER_ARM = {"e4m3-all": "e4m3", "e5m2-all": "e5m2", "lmul-all-k3": "lmul-all"}  # ours -> Table 6's column
+T6_REF = "e4m3-all"
+
+
+def _read(path: Path) -> Optional[dict]:
+    return store.read_json(path) if path.exists() else None
+
+
+def _scores(ev: Optional[dict], key: str) -> Optional[list[float]]:
+    if not ev:
+        return None
+    rows = ev["gold"] if key in ("loss", "bpb") else ev["gen"]
+    return [r[key] for r in sorted(rows, key=lambda r: r["id"])] or None
+
+
+def _paired(a: Optional[list], b: Optional[list], seed: int) -> Optional[dict]:
+    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+        return None
+    p = stats.paired(a, b, iters=10_000, seed=seed)
+    return {"diff": p.diff, "lo": p.lo, "hi": p.hi, "n": p.n, "b": p.b, "c": p.c, "p_mcnemar": p.p_mcnemar}
+
+
+def assemble(out: Path) -> dict:
+    """Everything a report shows, from ``config.json``, ``base/``, ``arms/*/`` and ``readings/``."""
+    out = Path(out)
+    meta = store.read_json(out / "config.json")
+    seed = meta["config"]["seed"]
+    arms = meta["config"]["arms"]
+    base = {p.stem.removeprefix("eval_"): store.read_json(p) for p in sorted((out / "base").glob("eval_*.json"))}
+    res = {"config": meta, "base": {}, "arms": {}, "readings": {}}
+    ref_bpb = _scores(base.get("exact"), "bpb")
+    for name, ev in base.items():
+        res["base"][name] = {"loss": ev["loss"], "bpb": ev["bpb"], "em": ev["em"], "wall_s": ev["wall_s"],
+                             "bpb_vs_exact": None if name == "exact" else _paired(ref_bpb, _scores(ev, "bpb"), seed)}
+    exact_ft = _read(out / "arms" / "exact" / "eval_exact.json")
+    for arm in arms:
+        d = out / "arms" / arm
+        train = _read(d / "train.json")
+        same = _read(d / "eval_same.json") or (_read(d / "eval_exact.json") if arm == "exact" else None)
+        exact = _read(d / "eval_exact.json")
+        if train is None and same is None:
+            continue
+        row = {"train": None if train is None else {k: train[k] for k in ("steps", "train_wall_s", "train_loss",
+                                                                           "resumed_from", "n_train", "log")}}
+        for which, ev in (("same", same), ("exact", exact)):
+            if ev is None:
+                row[which] = None
+                continue
+            row[which] = {"loss": ev["loss"], "bpb": ev["bpb"], "em": ev["em"], "wall_s": ev["wall_s"],
+                          "bpb_vs_exact_ft": _paired(_scores(exact_ft, "bpb"), _scores(ev, "bpb"), seed),
+                          "em_vs_exact_ft": _paired(_scores(exact_ft, "em"), _scores(ev, "em"), seed)}
+        res["arms"][arm] = row
+    ref = res["arms"].get(T6_REF, {}).get("same")
+    ref_ev = _read(out / "arms" / T6_REF / "eval_same.json")
+    for arm, row in res["arms"].items():
+        if row.get("same") is not None and ref is not None and arm != T6_REF:
+            ev = _read(out / "arms" / arm / "eval_same.json") or _read(out / "arms" / arm / "eval_exact.json")
+            row["same"]["em_vs_e4m3"] = _paired(_scores(ref_ev, "em"), _scores(ev, "em"), seed)
+            row["same"]["bpb_vs_e4m3"] = _paired(_scores(ref_ev, "bpb"), _scores(ev, "bpb"), seed)
+    for p in sorted((out / "readings").glob("*.json")) if (out / "readings").is_dir() else []:
+        ev = store.read_json(p)
+        res["readings"][p.stem] = {"arm": ev["arm"], "acc_block": ev["acc_block"], "loss": ev["loss"],
+                                   "bpb": ev["bpb"], "wall_s": ev["wall_s"],
+                                   "bpb_vs_exact": _paired(ref_bpb, _scores(ev, "bpb"), seed)}
+    return res
+
+
+def _m(s: Optional[dict], scale: float = 1.0, digits: int = 3) -> str:
+    if not s:
+        return "n/a"
+    se = s.get("se")
+    tail = f" ± {se * scale:.{digits}f}" if se == se and se is not None else ""
+    return f"{s['mean'] * scale:.{digits}f}{tail}"
+
+
+def _d(p: Optional[dict], scale: float = 1.0, digits: int = 3) -> str:
+    if not p:
+        return "n/a"
+    txt = f"{p['diff'] * scale:+.{digits}f} [{p['lo'] * scale:+.{digits}f}, {p['hi'] * scale:+.{digits}f}]"
+    if p.get("b", -1) >= 0:
+        txt += f" (b={p['b']}, c={p['c']}, p={p['p_mcnemar']:.2g})"
+    return txt
+
+
+def render(res: dict) -> str:
+    meta = res["config"]
+    cfg = meta["config"]
+    L = ["# Fine-tuning with L-Mul in every multiplication (paper Table 6)", ""]
+    L.append(f"Model: {meta.get('model_desc', cfg['model'])}. Data: GSM8K ({meta['split']['rule']}): "
+             f"{cfg['n_train']} training items, {cfg['n_eval']} held-out items for loss and bits per byte, the "
+             f"first {cfg['n_gen']} of them for greedy zero-shot exact match (up to {cfg['max_new_tokens']} new "
+             f"tokens). The paper fine-tunes Gemma2-2b-It on GSM8k's train split and tests on its test split; "
+             f"no GSM8k train split is on the package registries, so this run trains and tests on disjoint "
+             f"parts of the test split.")
+    L.append("")
+    L.append(f"Training: transformers Trainer, AdamW, lr {cfg['lr']}, linear schedule with {cfg['warmup_steps']} "
+             f"warmup steps, batch {cfg['batch_size']} × accumulation {cfg['grad_accum']}, {cfg['epochs']} "
+             f"epoch(s), seed {cfg['seed']}, max length {cfg['max_length']} tokens, device {cfg['device']}.")
+    L.append("")
+    L.append("Arms (every multiplication: linear layers, attention matmuls, element-wise products, norm scales, "
+             "rotary):")
+    L.append("")
+    for arm, spec in meta["arm_specs"].items():
+        if spec == "exact":
+            L.append(f"- `{arm}`: float32, unpatched")
+        else:
+            s = spec["spec"]
+            acc = f", accumulator {s['acc']} rounded every {s['acc_block']} products" if s.get("acc") else ""
+            L.append(f"- `{arm}`: `{s['name']}` ({s['mode']} mode on {s['fmt']} operands{acc}; gradients: "
+                     f"{s['backward']})")
+    L += ["", "## Paper Table 6 beside ours", ""]
+    L.append("GSM8k zero-shot exact match, %, after fine-tuning, evaluated under the arithmetic it was trained "
+             "with. Paper: Gemma2-2b-It (`shared/PAPER.md`); ours: this run, ± standard error; Δ: against the "
+             "e4m3 column (the paper prints no unquantized row), ours with its paired 95% bootstrap CI.")
+    L.append("")
+    L.append("| arm | paper | paper Δ vs e4m3 | ours | ours Δ vs e4m3-all | ours, bits per byte |")
+    L.append("|---|---|---|---|---|---|")
+    p_ref = PAPER.get(("table6", "gemma2", "e4m3", "gsm8k"))
+    for arm, row in res["arms"].items():
+        pa = PAPER.get(("table6", "gemma2", PAPER_ARM.get(arm, ""), "gsm8k"))
+        pd = "" if pa is None or arm == T6_REF else f"{pa - p_ref:+.2f}"
+        same = row.get("same") or {}
+        L.append(f"| {arm} | {pa if pa is not None else '—'} | {pd} | {_m(same.get('em'), 100, 1)} | "
+                 f"{_d(same.get('em_vs_e4m3'), 100, 1) if arm != T6_REF else ''} | {_m(same.get('bpb'))} |")
+    L += ["", "## Every arm: training damage and inference damage apart", ""]
+    L.append("Held-out gold-answer loss (nats/token), bits per byte and exact match of each fine-tuned model under "
+             "its own arithmetic (`same`) and under exact float32 arithmetic (`exact`); Δ bpb against the model "
+             "fine-tuned with exact arithmetic, evaluated exactly (paired bootstrap 95% CI).")
+    L.append("")
+    L.append("| arm | steps | train wall s | eval | loss | bpb | Δ bpb vs exact-ft | EM % |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for arm, row in res["arms"].items():
+        tr = row.get("train") or {}
+        for which in ("same", "exact"):
+            ev = row.get(which)
+            if ev is None or (arm == "exact" and which == "same"):
+                continue
+            L.append(f"| {arm} | {tr.get('steps', '')} | {tr.get('train_wall_s', 0):.0f} | {which} | "
+                     f"{_m(ev['loss'])} | {_m(ev['bpb'])} | {_d(ev.get('bpb_vs_exact_ft'))} | "
+                     f"{_m(ev.get('em'), 100, 1)} |")
+    if res["base"]:
+        L += ["", "## Before fine-tuning", ""]
+        L.append("The base model on the same held-out items, under exact arithmetic and under each arm's "
+                 "arithmetic (inference only): Δ bpb against exact, paired bootstrap 95% CI.")
+        L.append("")
+        L.append("| arithmetic | loss | bpb | Δ bpb vs exact | EM % |")
+        L.append("|---|---|---|---|---|")
+        for name, b in res["base"].items():
+            L.append(f"| {name} | {_m(b['loss'])} | {_m(b['bpb'])} | {_d(b.get('bpb_vs_exact'))} | "
+                     f"{_m(b.get('em'), 100, 1)} |")
+    if res["readings"]:
+        L += ["", "## What \"8-bit accumulation\" means: the readings at inference", ""]
+        L.append("The base model's held-out loss under each arm with the accumulator rounded every 1, 16 or 128 "
+                 "products, or only once at the output (`out`: the float32 sum rounded to the format).")
+        L.append("")
+        L.append("| arm | acc block | loss | bpb | Δ bpb vs exact | wall s |")
+        L.append("|---|---|---|---|---|---|")
+        for r in sorted(res["readings"].values(), key=lambda r: (r["arm"], _block_key(r["acc_block"]))):
+            L.append(f"| {r['arm']} | {r['acc_block']} | {_m(r['loss'])} | {_m(r['bpb'])} | "
+                     f"{_d(r.get('bpb_vs_exact'))} | {r['wall_s']:.0f} |")
+    L += ["", "Loss curves: `loss_curve.png`. Every number: `results.json`. Config, versions, seed and the split's "
+          "item ids: `config.json`.", ""]
+    return "\n".join(L)
+
+
+def _block_key(b) -> int:
+    return 1 << 40 if b == "out" else int(b)
+
+
+def plot(res: dict, out: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drew = False
+    for arm, row in res["arms"].items():
+        log = (row.get("train") or {}).get("log") or []
+        if log:
+            ax.plot([h["step"] for h in log], [h["loss"] for h in log], marker=".", label=arm)
+            drew = True
+    if not drew:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("Fine-tuning on GSM8K with every multiplication under each arm")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = Path(out) / "loss_curve.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def is_finetune_run(folder: Path) -> bool:
+    p = Path(folder) / "config.json"
+    try:
+        return p.exists() and store.read_json(p).get("kind") == "finetune"
+    except (store.CorruptFile, AttributeError):
+        return False
+
+
+def build(out: Path, reassemble: bool = True) -> Path:
+    """(Re)build ``results.json`` (from the run's files; ``reassemble=False``: use it as is),
+    ``report.md`` and ``loss_curve.png`` of the run in ``out``."""
+    out = Path(out)
+    if reassemble or not (out / "results.json").exists():
+        res = assemble(out)
+        write_json(out / "results.json", res)
+    else:
+        res = store.read_json(out / "results.json")
+    plot(res, out)
+    atomic_write(out / "report.md", render(res))
+    return out / "report.md"
