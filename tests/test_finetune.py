@@ -208,10 +208,12 @@ def test_readings(tmp_path, tok):
     cfg = FinetuneConfig(arms=("exact", "e4m3-all", "lmul"), **SMALL)
     with pytest.raises(ValueError, match="blocks"):
         readings(cfg, tmp_path, blocks=(0,), loader=loader_for(tok), items=ITEMS)
-    readings(cfg, tmp_path, blocks=(1, "out"), n_items=2, loader=loader_for(tok), items=ITEMS)
+    readings(cfg, tmp_path, blocks=(1, "out", "none"), n_items=2, loader=loader_for(tok), items=ITEMS)
     files = sorted(p.name for p in (tmp_path / "readings").glob("*.json"))
-    assert files == ["e4m3-all-x1.json", "e4m3-all-xout.json"]  # exact and lmul have no accumulator
-    r1, rout = (json.loads((tmp_path / "readings" / f).read_text()) for f in files)
+    assert files == ["e4m3-all-x1.json", "e4m3-all-xnone.json", "e4m3-all-xout.json"]  # exact, lmul: no acc
+    r1, rnone, rout = (json.loads((tmp_path / "readings" / f).read_text()) for f in files)
+    assert rnone["arith"]["spec"]["acc"] == "fp32" and rnone["loss"]["mean"] not in (r1["loss"]["mean"],
+                                                                                   rout["loss"]["mean"])
     assert r1["acc_block"] == 1 and rout["acc_block"] == "out" and r1["held_out_ids"] == [0, 4]
     assert r1["arith"]["spec"]["acc_block"] == 1 and rout["arith"]["spec"]["acc_block"] >= 1 << 20
     assert r1["loss"]["mean"] != rout["loss"]["mean"]
@@ -243,7 +245,7 @@ def test_cli_errors(tmp_path, capsys):
     assert rc == 2 and "is a file" in cap.err
     with pytest.raises(SystemExit) as e:
         _cli(capsys, "finetune", "--blocks", "1,0")
-    assert e.value.code == 2 and "blocks are integers >= 1 or 'out', got '0'" in capsys.readouterr().err
+    assert e.value.code == 2 and "blocks are integers >= 1, 'out' or 'none', got '0'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

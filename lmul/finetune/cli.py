@@ -17,15 +17,15 @@ def _blocks(s: str) -> tuple:
     out = []
     for part in s.split(","):
         part = part.strip()
-        if part == "out":
-            out.append("out")
+        if part in ("out", "none"):
+            out.append(part)
             continue
         try:
             v = int(part)
         except ValueError:
             v = 0
         if v < 1:
-            raise argparse.ArgumentTypeError(f"blocks are integers >= 1 or 'out', got {part!r}")
+            raise argparse.ArgumentTypeError(f"blocks are integers >= 1, 'out' or 'none', got {part!r}")
         out.append(v)
     return tuple(out)
 
@@ -126,7 +126,7 @@ def register(sub) -> None:
                    "on the base model")
     p.add_argument("--readings-only", dest="readings_only", action="store_true", help="only the readings")
     p.add_argument("--blocks", type=_blocks, default=READ_BLOCKS,
-                   help="accumulator rounding intervals to read ('out' = once at the output; default "
+                   help="accumulator rounding intervals to read ('out' = once at the output, 'none' = float32 sums; default "
                    + ",".join(map(str, READ_BLOCKS)) + ")")
     p.add_argument("--n-read", dest="n_read", type=int_arg(1), default=None,
                    help="held-out items per reading (default --n-eval)")

@@ -156,6 +156,21 @@ def _last_checkpoint(folder: Path) -> Optional[str]:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def _plain_weights(model) -> None:
+    """Let the Trainer train a GGUF-loaded model: transformers dequantizes GGUF files to ordinary
+    float tensors at load but leaves the model marked as quantized, which the Trainer refuses.
+    Weights quantized on the fly (bitsandbytes, ...) are refused with the reason."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is None:
+        return
+    if type(q).__name__ == "GgufHfQuantizer" and all(p.is_floating_point() for p in model.parameters()):
+        model.is_quantized = False
+        model.hf_quantizer = None
+        return
+    raise ValueError(f"the model's weights are quantized ({type(q).__name__}); lmul finetune trains every weight "
+                     f"in float32: load the model unquantized")
+
+
 class _Interrupt(Exception):
     """Raised by the test hook ``stop_after_step`` to simulate a killed run."""
 
@@ -166,6 +181,7 @@ def train_arm(cfg: FinetuneConfig, arm: str, model, tok, train_items: list[data.
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     lcfg = cfg.arm_config(arm)
+    _plain_weights(model)
     handle = patch(model, lcfg) if lcfg is not None else None
     model.train()
     encoded = [data.encode(tok, it, cfg.max_length) for it in train_items]
@@ -287,7 +303,7 @@ def run(cfg: FinetuneConfig, out: Path, loader: Optional[Callable[[], tuple]] = 
     return out
 
 
-READ_BLOCKS: tuple = (1, 16, 128, "out")
+READ_BLOCKS: tuple = (1, 16, 128, "out", "none")  # "none": no accumulator (float32 sums): the operands alone
 OUT_BLOCK = 1 << 20  # an acc_block >= K rounds the float32 sum once, at the output (docs/semantics.md §4)
 
 
@@ -296,7 +312,8 @@ def readings(cfg: FinetuneConfig, out: Path, blocks: tuple = READ_BLOCKS, n_item
              allow_fetch: bool = True) -> Path:
     """What "8-bit accumulation" does at inference: the *base* model's held-out loss and bits per
     byte under every arm of ``cfg`` that has an accumulator, with the running sum rounded to the
-    accumulator format every ``b`` products for ``b`` in ``blocks`` (``"out"``: once, at the output).
+    accumulator format every ``b`` products for ``b`` in ``blocks`` (``"out"``: once, at the output;
+    ``"none"``: no accumulator rounding, float32 sums: what the operand format alone does).
 
     Writes ``<out>/readings/<arm>-x<b>.json`` (keys ``arm``, ``acc_block``, ``loss``, ``bpb``,
     ``wall_s``, ``gold``) for the first ``n_items`` held-out items (default ``cfg.n_eval``); finished
@@ -305,7 +322,7 @@ def readings(cfg: FinetuneConfig, out: Path, blocks: tuple = READ_BLOCKS, n_item
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     for b in blocks:
-        if b != "out" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        if b not in ("out", "none") and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"reading blocks must be ints >= 1 or 'out', got {b!r}")
     arms = [a for a in cfg.arms if PRESETS[a][0].get("acc") is not None and PRESETS[a][1] != "none"]
     if not arms:
@@ -322,7 +339,8 @@ def readings(cfg: FinetuneConfig, out: Path, blocks: tuple = READ_BLOCKS, n_item
                     continue
                 if model is None:
                     model, tok, _ = loader()
-                lcfg = LMulConfig.from_name(arm, acc_block=OUT_BLOCK if b == "out" else b)
+                over = dict(acc=None, acc_block=1) if b == "none" else dict(acc_block=OUT_BLOCK if b == "out" else b)
+                lcfg = LMulConfig.from_name(arm, **over)
                 ev = _eval_under(cfg, lcfg, model, tok, held, 0, f"{arm} x{b}")
                 write_json(path, {"arm": arm, "acc_block": b, "loss": ev["loss"], "bpb": ev["bpb"],
                                   "wall_s": ev["wall_s"], "gold": ev["gold"], "arith": ev["arith"],
