@@ -307,3 +307,25 @@ def test_mul_gradient_is_straight_through():
     assert x.grad.dtype == torch.float64
     torch.testing.assert_close(x.grad, g.double() * yq)
     torch.testing.assert_close(y.grad, (g.double() * xq).sum(0))
+
+
+@pytest.mark.parametrize("fmt,offset", [("e8m4", None), ("e8m2", None), ("e8m3", 0.875), ("e8m4", 0.9375)])
+@pytest.mark.parametrize("acc", [None, "e8m7"])
+@pytest.mark.parametrize("backend", FAST)
+def test_bit_carry_of_two_near_the_top_binade(fmt, offset, acc, backend):
+    """Bit mode with a mantissa carry of 2 (q = 2: m = 4's default offset 2^-3, or a large offset):
+    the carry factor g reaches 4..8, so a decomposition forming Y^ g overflows float32 already for
+    |y| in [2^126, 2^127) while the product with a tiny x is finite. Regression test (decompose
+    checked only |y| >= 2^127); the oracle is the elementwise L-Mul summed in float64."""
+    kw = {} if offset is None else {"offset": offset}
+    spec = LMulSpec(fmt, "bit", acc=acc, **kw)
+    if (why := _why_not(backend, fmt, "bit")) is not None:
+        pytest.skip(why)
+    top = 1.0 + (1 - 2.0**-spec.fmt.man_bits)  # the largest mantissa: S = 2 (2^m - 1) + c 2^m
+    a = torch.tensor([[2.0**-100 * top, 2.0**-100]])  # small rows: no overflow risk of the sum
+    b = torch.tensor([[2.0**126 * top, 2.0**126], [2.0**126, 2.0**126 * top]])
+    want = (mul(a[0, :, None].expand(2, 2), b, spec=LMulSpec(fmt, "bit", **kw)).double().sum(0)).float()
+    got = matmul(a, b, spec=spec, backend=backend)[0]
+    if acc is None:
+        assert torch.equal(got, want), (got, want)
+    assert torch.isfinite(got).all() and torch.equal(got, matmul(a, b, spec=spec, backend="reference")[0])

@@ -126,7 +126,8 @@ def register(sub) -> None:
                    "on the base model")
     p.add_argument("--readings-only", dest="readings_only", action="store_true", help="only the readings")
     p.add_argument("--blocks", type=_blocks, default=READ_BLOCKS,
-                   help="accumulator rounding intervals to read ('out' = once at the output, 'none' = float32 sums; default "
+                   help="accumulator rounding intervals to read ('out' = once at the output, 'none' = float32 "
+                   "sums; default "
                    + ",".join(map(str, READ_BLOCKS)) + ")")
     p.add_argument("--n-read", dest="n_read", type=int_arg(1), default=None,
                    help="held-out items per reading (default --n-eval)")

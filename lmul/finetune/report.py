@@ -24,17 +24,22 @@ def _read(path: Path) -> Optional[dict]:
     return store.read_json(path) if path.exists() else None
 
 
-def _scores(ev: Optional[dict], key: str) -> Optional[list[float]]:
+def _scores(ev: Optional[dict], key: str) -> Optional[dict[int, float]]:
+    """Item id -> ``key`` of an evaluation file."""
     if not ev:
         return None
     rows = ev["gold"] if key in ("loss", "bpb") else ev["gen"]
-    return [r[key] for r in sorted(rows, key=lambda r: r["id"])] or None
+    return {r["id"]: r[key] for r in rows} or None
 
 
-def _paired(a: Optional[list], b: Optional[list], seed: int) -> Optional[dict]:
-    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+def _paired(a: Optional[dict], b: Optional[dict], seed: int) -> Optional[dict]:
+    """Paired comparison b - a on the items both evaluated (a reading covers the first items only)."""
+    if a is None or b is None:
         return None
-    p = stats.paired(a, b, iters=10_000, seed=seed)
+    ids = sorted(set(a) & set(b))
+    if len(ids) < 2:
+        return None
+    p = stats.paired([a[i] for i in ids], [b[i] for i in ids], iters=10_000, seed=seed)
     return {"diff": p.diff, "lo": p.lo, "hi": p.hi, "n": p.n, "b": p.b, "c": p.c, "p_mcnemar": p.p_mcnemar}
 
 
@@ -64,9 +69,10 @@ def assemble(out: Path) -> dict:
             if ev is None:
                 row[which] = None
                 continue
+            ref = exact_ft if not (arm == "exact" and which == "exact") else None  # not the reference itself
             row[which] = {"loss": ev["loss"], "bpb": ev["bpb"], "em": ev["em"], "wall_s": ev["wall_s"],
-                          "bpb_vs_exact_ft": _paired(_scores(exact_ft, "bpb"), _scores(ev, "bpb"), seed),
-                          "em_vs_exact_ft": _paired(_scores(exact_ft, "em"), _scores(ev, "em"), seed)}
+                          "bpb_vs_exact_ft": _paired(_scores(ref, "bpb"), _scores(ev, "bpb"), seed),
+                          "em_vs_exact_ft": _paired(_scores(ref, "em"), _scores(ev, "em"), seed)}
         res["arms"][arm] = row
     ref = res["arms"].get(T6_REF, {}).get("same")
     ref_ev = _read(out / "arms" / T6_REF / "eval_same.json")
@@ -123,7 +129,7 @@ def render(res: dict) -> str:
             L.append(f"- `{arm}`: float32, unpatched")
         else:
             s = spec["spec"]
-            acc = f", accumulator {s['acc']} rounded every {s['acc_block']} products" if s.get("acc") else ""
+            acc = f", accumulator {s['acc']} rounded every {s['acc_block']} products" if _has_acc(spec) else ""
             L.append(f"- `{arm}`: `{s['name']}` ({s['mode']} mode on {s['fmt']} operands{acc}; gradients: "
                      f"{s['backward']})")
     L += ["", "## Paper Table 6 beside ours", ""]
@@ -169,7 +175,10 @@ def render(res: dict) -> str:
     if res["readings"]:
         L += ["", "## What \"8-bit accumulation\" means: the readings at inference", ""]
         L.append("The base model's held-out loss under each arm with the accumulator rounded every 1, 16 or 128 "
-                 "products, or only once at the output (`out`: the float32 sum rounded to the format).")
+                 "products, only once at the output (`out`: the float32 sum rounded to the format), or never "
+                 "(`none`: float32 sums, the operand format alone); Δ bpb against the base model under exact "
+                 "arithmetic on the same items. The arms of this run use acc block "
+                 f"{_arm_blocks(meta)}.")
         L.append("")
         L.append("| arm | acc block | loss | bpb | Δ bpb vs exact | wall s |")
         L.append("|---|---|---|---|---|---|")
@@ -181,8 +190,17 @@ def render(res: dict) -> str:
     return "\n".join(L)
 
 
+def _has_acc(spec: dict) -> bool:
+    return spec["spec"].get("acc") not in (None, "fp32")
+
+
+def _arm_blocks(meta: dict) -> str:
+    blocks = sorted({s["spec"]["acc_block"] for s in meta["arm_specs"].values() if s != "exact" and _has_acc(s)})
+    return ", ".join(map(str, blocks)) or "n/a"
+
+
 def _block_key(b) -> int:
-    return 1 << 40 if b == "out" else int(b)
+    return {"out": 1 << 40, "none": 1 << 41}.get(b) or int(b)
 
 
 def plot(res: dict, out: Path) -> Optional[Path]:

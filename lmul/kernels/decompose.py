@@ -11,8 +11,10 @@ Write ``X`` for a quantized operand (flushed to 0 when zero or subnormal), ``X^ 
 * ``bit`` with ``m <= 4`` (paper Eq. 2): ``P = X^ Y^ g(M_x, M_y)`` with the carry factor
   ``g = 2^q (1 + (S - q 2^m) / 2^m)``, ``S = M_x + M_y + c 2^m``. One-hot expansion of ``M_x``:
   ``C = sum_v [M_A == v] A^ @ (B^ g(v, M_B))``: one matmul with K times 2^m. Each product is one
-  exact float32 multiply of ``X^`` and ``Y^ g`` (rounded once, like the reference). ``Y^ g``
-  overflows float32 only for ``|y| >= 2^127``: such columns are recomputed by the reference.
+  exact float32 multiply of ``X^`` and ``Y^ g`` (rounded once, like the reference). ``g < 2^(q_max+1)``
+  with ``q_max = (2 (2^m - 1) + c 2^m) >> m`` (1 for the default offsets of m <= 3, 2 for m = 4 or a
+  larger offset), so ``Y^ g`` overflows float32 only for ``|y| >= 2^(127 - q_max + 1)``: such columns
+  are recomputed by the reference.
 * ``exact``: ``C = quantize(A) @ quantize(B)``.
 
 Rows/columns holding inf or NaN are recomputed by the reference backend
@@ -60,12 +62,19 @@ def _no_tf32(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _special(x: torch.Tensor, dim: int, top_binade: bool = False) -> torch.Tensor:
-    """Rows (dim=-1) or columns (dim=-2) that hold inf/NaN (or |x| >= 2^127)."""
+def _special(x: torch.Tensor, dim: int, top: Optional[float] = None) -> torch.Tensor:
+    """Rows (dim=-1) or columns (dim=-2) that hold inf/NaN (or ``|x| >= top``)."""
     bad = ~torch.isfinite(x)
-    if top_binade:
-        bad |= x.abs() >= 2.0**127
+    if top is not None:
+        bad |= x.abs() >= top
     return bad.any(dim)
+
+
+def _carry_top(spec: LMulSpec) -> float:
+    """Bit mode: ``|y|`` from which ``Y^ g`` may overflow float32 (``g < 2^(q_max + 1)``)."""
+    m = spec.fmt.man_bits
+    q_max = (2 * ((1 << m) - 1) + int(spec.offset * 2**m)) >> m
+    return 2.0 ** (128 - q_max)
 
 
 def _acc_matmul(a: torch.Tensor, b: torch.Tensor, aq: torch.Tensor, bq: torch.Tensor,
@@ -113,8 +122,8 @@ def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.
     m = spec.fmt.man_bits
     if spec.acc is not None:
         out = _acc_matmul(a, b, aq, bq, spec)
-        top = spec.mode == "bit"
-        return fixup(out, a, b, spec, _special(aq, -1), _special(bq, -2, top_binade=top))
+        top = _carry_top(spec) if spec.mode == "bit" else None
+        return fixup(out, a, b, spec, _special(aq, -1), _special(bq, -2, top))
     with _no_tf32(a.device):
         if spec.mode == "exact":
             out = torch.matmul(aq, bq)
@@ -135,7 +144,7 @@ def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.
             left = torch.where(ma[..., None, :] == v[:, None], ha[..., None, :], 0.0)  # [B, M, 2^m, K]
             right = hb[..., None, :, :] * g[:, mb.long()].movedim(0, -3)               # [B, 2^m, K, N]
             out = torch.matmul(left.flatten(-2), right.flatten(-3, -2))
-            rows, cols = _special(aq, -1), _special(bq, -2, top_binade=True)
+            rows, cols = _special(aq, -1), _special(bq, -2, _carry_top(spec))
     return fixup(out, a, b, spec, rows, cols)
 
 
