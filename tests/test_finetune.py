@@ -269,3 +269,42 @@ def test_cli_report_dispatches_to_the_finetune_report(full_run, capsys):
     (out / "report.md").unlink(missing_ok=True)
     rc, cap = _cli(capsys, "report", str(out))
     assert rc == 0 and (out / "report.md").read_text().startswith("# Fine-tuning with L-Mul")
+
+
+WORKER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)
+from lmul.finetune.run import FinetuneConfig, run
+from tests._eval_fixtures import tiny_llama, tiny_tokenizer
+from tests.test_finetune import ITEMS, SMALL
+tok = tiny_tokenizer()
+cfg = FinetuneConfig(arms=("exact", "lmul-all-k3"), **SMALL)
+run(cfg, Path(sys.argv[1]), loader=lambda: (tiny_llama(len(tok)), tok, "tiny-llama"), items=ITEMS)
+"""
+
+
+def test_torchrun_two_processes(tmp_path):
+    """``torchrun --nproc_per_node 2``: both ranks train each arm together (DDP, gloo), rank 0 writes
+    and evaluates; the run finishes with each rank seeing half the items per step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=root))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((out / "config.json").read_text())
+    assert "finished" in meta and meta["sessions"][-1]["processes"] == 2
+    for arm in ("exact", "lmul-all-k3"):
+        tr = json.loads((out / "arms" / arm / "train.json").read_text())
+        assert tr["steps"] == math.ceil(SMALL["n_train"] / (2 * SMALL["batch_size"]))  # 2 ranks x batch 2
+        assert (out / "arms" / arm / "model" / "model.safetensors").is_file()
+    assert len(json.loads((out / "arms" / "lmul-all-k3" / "eval_same.json").read_text())["gold"]) == 4

@@ -23,11 +23,15 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun / accelerate (WORLD_SIZE > 1); gloo on CPU."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """Join the process group when launched by torchrun / accelerate (WORLD_SIZE > 1); gloo on CPU.
+    ``timeout_s``: how long a collective (a barrier) waits (torch's default when None)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        import datetime
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        torch.distributed.init_process_group(backend, **kw)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))  # share the cores, do not oversubscribe
     return dist_info()

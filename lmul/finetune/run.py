@@ -22,6 +22,7 @@ alone. Every file is written atomically when its step ends, and a rerun skips fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -38,7 +39,7 @@ from typing import Optional
 import torch
 
 from lmul.config import LMulConfig
-from lmul.eval import store
+from lmul.eval import harness, store
 from lmul.files import write_json
 from lmul.finetune import data, evaluate
 from lmul.patch import patch
@@ -256,29 +257,34 @@ def run(cfg: FinetuneConfig, out: Path, loader: Optional[Callable[[], tuple]] = 
         raise ValueError(f"the split has {len(train_items)} training and {len(held_items)} held-out items; "
                          f"asked for n_train={cfg.n_train}, n_eval={cfg.n_eval}")
     train_items, held = train_items[:cfg.n_train], held_items[:cfg.n_eval]
-    with store.run_lock(out, wait=LOCK_WAIT_S):  # a brief hold: merge this process's arms into config.json
-        old = store.read_json(out / "config.json") if (out / "config.json").exists() else {}
-        arms = list(dict.fromkeys([*old.get("config", {}).get("arms", []), *cfg.arms]))
-        meta = {**old, "kind": "finetune", "config": {**asdict(cfg), "arms": arms},
-                "arm_specs": {a: (cfg.arm_config(a).to_dict() if cfg.arm_config(a) else "exact") for a in arms},
-                "split": {"rule": SPLIT_RULE, "train_ids": [it.id for it in train_items],
-                          "held_out_ids": [it.id for it in held]},
-                "versions": versions(), "started": old.get("started") or datetime.now(timezone.utc).isoformat()}
-        meta.pop("finished", None)
-        write_json(out / "config.json", meta)
+    rank, _world = harness.init_distributed(timeout_s=LOCK_WAIT_S)  # torchrun / accelerate launch
+    main = rank == 0  # rank 0 writes every file and evaluates; every rank trains (the Trainer's DDP)
+    if main:
+        with store.run_lock(out, wait=LOCK_WAIT_S):  # a brief hold: merge this process's arms into config.json
+            old = store.read_json(out / "config.json") if (out / "config.json").exists() else {}
+            arms = list(dict.fromkeys([*old.get("config", {}).get("arms", []), *cfg.arms]))
+            meta = {**old, "kind": "finetune", "config": {**asdict(cfg), "arms": arms},
+                    "arm_specs": {a: (cfg.arm_config(a).to_dict() if cfg.arm_config(a) else "exact") for a in arms},
+                    "split": {"rule": SPLIT_RULE, "train_ids": [it.id for it in train_items],
+                              "held_out_ids": [it.id for it in held]},
+                    "versions": versions(), "started": old.get("started") or datetime.now(timezone.utc).isoformat()}
+            meta.pop("finished", None)
+            write_json(out / "config.json", meta)
     desc = None
-    with store.run_lock(out / "base", wait=LOCK_WAIT_S):  # a second process for other arms waits here
-        base = out / "base"
-        todo = [("exact", None)] + [(a, cfg.arm_config(a)) for a in cfg.arms if cfg.arm_config(a) is not None]
-        model = tok = None
-        for name, lcfg in todo:
-            path = base / f"eval_{name}.json"
-            if path.exists():
-                continue
-            if model is None:
-                model, tok, desc = loader()
-            n_gen = cfg.n_gen if lcfg is None else 0  # the base model's exact match under exact arithmetic only
-            write_json(path, _eval_under(cfg, lcfg, model, tok, held, n_gen, f"base/{name}"))
+    if main:
+        with store.run_lock(out / "base", wait=LOCK_WAIT_S):  # a second process for other arms waits here
+            base = out / "base"
+            todo = [("exact", None)] + [(a, cfg.arm_config(a)) for a in cfg.arms if cfg.arm_config(a) is not None]
+            model = tok = None
+            for name, lcfg in todo:
+                path = base / f"eval_{name}.json"
+                if path.exists():
+                    continue
+                if model is None:
+                    model, tok, desc = loader()
+                n_gen = cfg.n_gen if lcfg is None else 0  # the base model's exact match under exact arithmetic only
+                write_json(path, _eval_under(cfg, lcfg, model, tok, held, n_gen, f"base/{name}"))
+    harness.barrier()
     for arm in cfg.arms:
         arm_dir = out / "arms" / arm
         lcfg = cfg.arm_config(arm)
@@ -286,20 +292,24 @@ def run(cfg: FinetuneConfig, out: Path, loader: Optional[Callable[[], tuple]] = 
         if all((arm_dir / f"eval_{w}.json").exists() for w in wanted):
             continue
         try:
-            with store.run_lock(arm_dir):
-                desc = _run_arm(cfg, arm, lcfg, wanted, arm_dir, loader, train_items, held, stop_after_step)
+            with store.run_lock(arm_dir) if main else contextlib.nullcontext():
+                desc = _run_arm(cfg, arm, lcfg, wanted, arm_dir, loader, train_items, held, stop_after_step,
+                                main) or desc
         except store.RunBusy:
             raise store.RunBusy(f"arm {arm!r} of --out {out} is being run by another lmul finetune; "
                                 f"leave it out of --arms here or wait for it") from None
-    with store.run_lock(out, wait=LOCK_WAIT_S):
-        meta = store.read_json(out / "config.json")
-        if desc is not None:
-            meta["model_desc"] = desc
-        if all(_arm_done(out, a) for a in meta["config"]["arms"]):
-            meta["finished"] = datetime.now(timezone.utc).isoformat()
-        meta.setdefault("sessions", []).append({"arms": list(cfg.arms), "wall_s": time.time() - t_start,
-                                                "ended": datetime.now(timezone.utc).isoformat()})
-        write_json(out / "config.json", meta)
+    if main:
+        with store.run_lock(out, wait=LOCK_WAIT_S):
+            meta = store.read_json(out / "config.json")
+            if desc is not None:
+                meta["model_desc"] = desc
+            if all(_arm_done(out, a) for a in meta["config"]["arms"]):
+                meta["finished"] = datetime.now(timezone.utc).isoformat()
+            meta.setdefault("sessions", []).append({"arms": list(cfg.arms), "wall_s": time.time() - t_start,
+                                                    "processes": _world,
+                                                    "ended": datetime.now(timezone.utc).isoformat()})
+            write_json(out / "config.json", meta)
+    harness.barrier()
     return out
 
 
@@ -370,25 +380,35 @@ def _arm_done(out: Path, arm: str) -> bool:
 
 
 def _run_arm(cfg: FinetuneConfig, arm: str, lcfg: Optional[LMulConfig], wanted: tuple, arm_dir: Path,
-             loader, train_items, held, stop_after_step) -> str:
-    """Train (or resume, or load the trained weights of) one arm, then its missing evaluations."""
+             loader, train_items, held, stop_after_step, main: bool = True) -> Optional[str]:
+    """Train (or resume, or load the trained weights of) one arm, then its missing evaluations
+    (those on the main process only: the others wait at the barrier)."""
     from transformers import set_seed
 
     set_seed(cfg.seed)
+    trained = (arm_dir / "train.json").exists()
+    if trained and not main:
+        harness.barrier()
+        return None
     model, tok, desc = loader()  # a fresh copy of the base weights for every arm
-    if not (arm_dir / "train.json").exists():
+    if not trained:
         summary = train_arm(cfg, arm, model, tok, train_items, arm_dir, stop_after_step)
-        model.save_pretrained(str(arm_dir / "model"), safe_serialization=True)
-        tok.save_pretrained(str(arm_dir / "model"))
-        write_json(arm_dir / "train.json", summary)
-        shutil.rmtree(arm_dir / "checkpoints", ignore_errors=True)
+        if main:
+            model.save_pretrained(str(arm_dir / "model"), safe_serialization=True)
+            tok.save_pretrained(str(arm_dir / "model"))
+            write_json(arm_dir / "train.json", summary)
+            shutil.rmtree(arm_dir / "checkpoints", ignore_errors=True)
     else:
         _load_weights(model, arm_dir / "model")
+    if not main:
+        harness.barrier()
+        return None
     for which in wanted:
         path = arm_dir / f"eval_{which}.json"
         if not path.exists():
             ecfg = lcfg if which == "same" else None
             write_json(path, _eval_under(cfg, ecfg, model, tok, held, cfg.n_gen, f"{arm}/{which}"))
+    harness.barrier()
     return desc
 
 
