@@ -62,7 +62,8 @@ hw-table: install hw-deps
 	$(VENV)/bin/lmul rtl --synth-table docs/hardware_table.md
 
 # GPU check (issue #16, docs/kernels.md "GPU"): system python3, PYTHONPATH=. (no venv, no install):
-# Triton tests on the device, benchmarks/gpu.py, patched-model check; all under $$OUT or results/gpu-check.
+# Triton tests on the device, benchmarks/gpu.py, patched-model check, eval cuda vs cpu on synthetic
+# assets (scripts/gpu_eval_check.py); all under $$OUT or results/gpu-check.
 # DRY=1 (or GPU_CHECK_DRY=1): the same steps at tiny sizes on the CPU (Triton interpreter).
 DRY ?= $(GPU_CHECK_DRY)
 gpu-check:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `make gpu-check` (issue #16): on a CUDA machine, with the system python and PYTHONPATH=. (no
-# install): the Triton test files on the device, benchmarks/gpu.py, and the patched-model check
-# (scripts/gpu_model_check.py), everything written under one folder: $OUT if set, else
-# results/gpu-check. About 6 minutes of GPU time (each step has a timeout).
+# install): the Triton test files on the device, benchmarks/gpu.py, the patched-model check
+# (scripts/gpu_model_check.py) and `lmul eval --device cuda` against `--device cpu` on synthetic
+# assets (scripts/gpu_eval_check.py; the eval step also needs lm_eval), everything written under one
+# folder: $OUT if set, else results/gpu-check. About 6 minutes of GPU time, at most 8 (the steps'
+# timeouts: tests 175 + bench 110 + model 75 + eval 120 s).
 # GPU_CHECK_DRY=1: the same steps on the CPU at tiny sizes (Triton's interpreter).
 set -u
 cd "$(dirname "$0")/.."
@@ -42,6 +44,7 @@ if [ "$DRY" = 1 ]; then
     step tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_tc.py -k "every_8bit or sums_match or specials"
     step bench 300 "$PY" benchmarks/gpu.py --dry-run --out "$DIR"
     step model 300 "$PY" scripts/gpu_model_check.py --dry-run --out "$DIR"
+    step eval 300 "$PY" scripts/gpu_eval_check.py --dry-run --out "$DIR/eval"
 else
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu-check: no CUDA device (torch.cuda.is_available() is False); GPU_CHECK_DRY=1 runs the CPU dry run" \
@@ -55,6 +58,7 @@ else
         --junitxml="$DIR/tests.xml"
     step bench 110 "$PY" benchmarks/gpu.py --out "$DIR" --warmup 2 --reps 5 --budget 1.5
     step model 75 "$PY" scripts/gpu_model_check.py --out "$DIR"
+    step eval 120 "$PY" scripts/gpu_eval_check.py --out "$DIR/eval"
 fi
 echo "- overall: $([ $status = 0 ] && echo PASSED || echo FAILED)" >> "$SUMMARY"
 cat "$SUMMARY"
