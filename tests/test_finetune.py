@@ -204,6 +204,29 @@ def test_resume_after_a_kill_ends_with_the_same_weights(full_run, tmp_path, tok)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), arm
 
 
+def test_a_step_with_non_finite_gradients_is_skipped(tmp_path, tok):
+    """An inf gradient on the first step (as fp8 / L-Mul arithmetic can produce) skips that optimizer
+    step instead of turning every weight into NaN; later steps train."""
+    def loader():
+        model = tiny_llama(len(tok))
+        calls = []
+
+        def poison(grad):
+            calls.append(1)
+            return grad * float("inf") if len(calls) == 1 else grad
+        model.model.norm.weight.register_hook(poison)
+        return model, tok, "tiny-llama"
+
+    cfg = FinetuneConfig(arms=("exact",), **{**SMALL, "n_gen": 0})
+    run(cfg, tmp_path, loader=loader, items=ITEMS)
+    tr = json.loads((tmp_path / "arms" / "exact" / "train.json").read_text())
+    assert tr["skipped_steps"] == 1 and not math.isfinite(float(tr["log"][0]["grad_norm"]))
+    w = _weights(tmp_path / "arms" / "exact")
+    base = tiny_llama(len(tok)).state_dict()
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert any(not torch.equal(w[k], base[k]) for k in w)
+
+
 def test_readings(tmp_path, tok):
     cfg = FinetuneConfig(arms=("exact", "e4m3-all", "lmul"), **SMALL)
     with pytest.raises(ValueError, match="blocks"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -172,6 +173,22 @@ def _plain_weights(model) -> None:
                      f"in float32: load the model unquantized")
 
 
+class _FiniteAdamW(torch.optim.AdamW):
+    """AdamW (the Trainer's default optimizer and hyperparameters) that skips a step whose gradients
+    are not all finite, as mixed-precision loss scaling does: fp8 / L-Mul arithmetic can overflow a
+    float32 gradient (an inf, made NaN by the gradient clipping), and one such step would make every
+    weight NaN. Skipped steps are the non-finite ``grad_norm`` entries of the log (``skipped_steps``
+    in ``train.json``); the learning-rate schedule advances regardless."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    return None
+        return super().step(closure)
+
+
 class _Interrupt(Exception):
     """Raised by the test hook ``stop_after_step`` to simulate a killed run."""
 
@@ -211,8 +228,10 @@ def train_arm(cfg: FinetuneConfig, arm: str, model, tok, train_items: list[data.
 
         callbacks.append(_Stop())
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    opt = _FiniteAdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                       weight_decay=cfg.weight_decay, fused=True)  # the Trainer's default (adamw_torch_fused)
     trainer = Trainer(model=model, args=args, train_dataset=_Data(), data_collator=data.collate(pad),
-                      callbacks=callbacks)
+                      callbacks=callbacks, optimizers=(opt, None))
     resume = _last_checkpoint(ckpt)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -223,7 +242,8 @@ def train_arm(cfg: FinetuneConfig, arm: str, model, tok, train_items: list[data.
     model.eval()
     return {"arm": arm, "config": lcfg.to_dict() if lcfg else None, "steps": trainer.state.global_step,
             "resumed_from": Path(resume).name if resume else None, "train_wall_s": wall,
-            "train_loss": result.training_loss, "log": log, "n_train": len(train_items)}
+            "train_loss": result.training_loss, "log": log, "n_train": len(train_items),
+            "skipped_steps": sum(1 for h in log if not math.isfinite(float(h.get("grad_norm", 0.0))))}
 
 
 def _eval_under(cfg: FinetuneConfig, lcfg: Optional[LMulConfig], model, tok, held, n_gen: int, label: str) -> dict:
