@@ -63,8 +63,9 @@ def assemble(out: Path) -> dict:
         exact = _read(d / "eval_exact.json")
         if train is None and same is None:
             continue
-        row = {"train": None if train is None else {k: train[k] for k in ("steps", "train_wall_s", "train_loss",
-                                                                           "resumed_from", "n_train", "log")}}
+        row = {"train": None if train is None else {k: train.get(k) for k in ("steps", "train_wall_s", "train_loss",
+                                                                               "resumed_from", "n_train", "log",
+                                                                               "skipped_steps")}}
         for which, ev in (("same", same), ("exact", exact)):
             if ev is None:
                 row[which] = None
@@ -157,7 +158,8 @@ def render(res: dict) -> str:
               f"{cfg['n_train']} training items), so exact match cannot rank the arms here; the gold answers' "
               f"bits per byte (lower is better) can."]
     L += ["", "## Every arm: training damage and inference damage apart", ""]
-    L.append("Held-out gold-answer loss (nats/token), bits per byte and exact match of each fine-tuned model under "
+    L.append("Steps: optimizer steps (skipped: steps whose gradients were not finite, not applied). "
+             "Held-out gold-answer loss (nats/token), bits per byte and exact match of each fine-tuned model under "
              "its own arithmetic (`same`) and under exact float32 arithmetic (`exact`); Δ bpb against the model "
              "fine-tuned with exact arithmetic, evaluated exactly (paired bootstrap 95% CI).")
     L.append("")
@@ -169,7 +171,8 @@ def render(res: dict) -> str:
             ev = row.get(which)
             if ev is None or (arm == "exact" and which == "same"):
                 continue
-            L.append(f"| {arm} | {tr.get('steps', '')} | {tr.get('train_wall_s', 0):.0f} | {which} | "
+            steps = f"{tr.get('steps', '')}" + (f" ({tr['skipped_steps']} skipped)" if tr.get("skipped_steps") else "")
+            L.append(f"| {arm} | {steps} | {tr.get('train_wall_s', 0):.0f} | {which} | "
                      f"{_m(ev['loss'])} | {_m(ev['bpb'])} | {_d(ev.get('bpb_vs_exact_ft'))} | "
                      f"{_m(ev.get('em'), 100, 1)} |")
     if res["base"]:
