@@ -56,6 +56,7 @@ def assemble(out: Path) -> dict:
         res["base"][name] = {"loss": ev["loss"], "bpb": ev["bpb"], "em": ev["em"], "wall_s": ev["wall_s"],
                              "bpb_vs_exact": None if name == "exact" else _paired(ref_bpb, _scores(ev, "bpb"), seed)}
     exact_ft = _read(out / "arms" / "exact" / "eval_exact.json")
+    same_evs = {}  # arm -> its evaluation under its own arithmetic (exact's: exact), for the Table 6 comparison
     for arm in arms:
         d = out / "arms" / arm
         train = _read(d / "train.json")
@@ -63,6 +64,7 @@ def assemble(out: Path) -> dict:
         exact = _read(d / "eval_exact.json")
         if train is None and same is None:
             continue
+        same_evs[arm] = same
         row = {"train": None if train is None else {k: train.get(k) for k in ("steps", "train_wall_s", "train_loss",
                                                                                "resumed_from", "n_train", "log",
                                                                                "skipped_steps")}}
@@ -76,10 +78,10 @@ def assemble(out: Path) -> dict:
                           "em_vs_exact_ft": _paired(_scores(ref, "em"), _scores(ev, "em"), seed)}
         res["arms"][arm] = row
     ref = res["arms"].get(T6_REF, {}).get("same")
-    ref_ev = _read(out / "arms" / T6_REF / "eval_same.json")
+    ref_ev = same_evs.get(T6_REF)
     for arm, row in res["arms"].items():
         if row.get("same") is not None and ref is not None and arm != T6_REF:
-            ev = _read(out / "arms" / arm / "eval_same.json") or _read(out / "arms" / arm / "eval_exact.json")
+            ev = same_evs[arm]
             row["same"]["em_vs_e4m3"] = _paired(_scores(ref_ev, "em"), _scores(ev, "em"), seed)
             row["same"]["bpb_vs_e4m3"] = _paired(_scores(ref_ev, "bpb"), _scores(ev, "bpb"), seed)
     for p in sorted((out / "readings").glob("*.json")) if (out / "readings").is_dir() else []:

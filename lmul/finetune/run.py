@@ -308,8 +308,8 @@ def run(cfg: FinetuneConfig, out: Path, loader: Optional[Callable[[], tuple]] = 
     for arm in cfg.arms:
         arm_dir = out / "arms" / arm
         lcfg = cfg.arm_config(arm)
-        wanted = ("same", "exact") if lcfg is not None else ("exact",)  # exact's "same" is exact
-        if all((arm_dir / f"eval_{w}.json").exists() for w in wanted):
+        wanted = _wanted(arm)
+        if _arm_done(out, arm):
             continue
         try:
             with store.run_lock(arm_dir) if main else contextlib.nullcontext():
@@ -394,9 +394,13 @@ def _sources(cfg: FinetuneConfig, loader, items, allow_fetch: bool):
     return loader, items
 
 
+def _wanted(arm: str) -> tuple[str, ...]:
+    """The evaluations an arm ends with: under its own arithmetic and exactly (exact's "same" is exact)."""
+    return ("same", "exact") if PRESETS[arm][1] != "none" else ("exact",)
+
+
 def _arm_done(out: Path, arm: str) -> bool:
-    wanted = ("same", "exact") if PRESETS[arm][1] != "none" else ("exact",)
-    return all((out / "arms" / arm / f"eval_{w}.json").exists() for w in wanted)
+    return all((out / "arms" / arm / f"eval_{w}.json").exists() for w in _wanted(arm))
 
 
 def _run_arm(cfg: FinetuneConfig, arm: str, lcfg: Optional[LMulConfig], wanted: tuple, arm_dir: Path,
