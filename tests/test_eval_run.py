@@ -47,6 +47,46 @@ def test_kl_top1_ll_against_torch():
     assert same.kl == 0 and same.top1 == 1
 
 
+def test_common_prefix():
+    assert divergence.common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
+    assert divergence.common_prefix([[1, 2], [3]]) == [] and divergence.common_prefix([]) == []
+    assert divergence.common_prefix([[7, 8, 9]]) == [7, 8, 9]
+
+
+@pytest.mark.parametrize("arm", ["exact", "lmul", "e4m3"])
+def test_prefix_log_probs_equal_full_passes(tiny, arm):
+    """A cached shared prefix plus each sequence's own tokens gives the full forward pass's log-probs
+    (exact model and patched arms), and compare() with the prefix's head sums gives the full compare()."""
+    from lmul.eval.run import arm_context
+
+    model, _, _ = tiny
+    torch.manual_seed(1)
+    prefix = torch.randint(0, 250, (40,)).tolist()
+    seqs = [prefix + torch.randint(0, 250, (n,)).tolist() for n in (3, 9, 17)]
+    ref = divergence.PrefixLogProbs(model, prefix)
+    refs = [(divergence.log_probs(model, ids), ref.tail(ids)) for ids in seqs]
+    with arm_context(model, arm):
+        pre = divergence.PrefixLogProbs(model, prefix)
+        head = pre.head(ref)
+        for ids, (full_ref, tail_ref) in zip(seqs, refs, strict=True):
+            full = divergence.log_probs(model, ids)
+            assert pre(ids).shape == full.shape
+            assert torch.allclose(pre(ids), full, atol=2e-5, rtol=0)
+            start = len(ids) - 2
+            want = divergence.compare(full_ref, full, ids, start, 4)
+            got = divergence.compare(tail_ref, pre.tail(ids), ids, start, 4, first=len(prefix), head=head)
+            assert got.n_positions == want.n_positions == len(ids) - 1
+            assert got.kl == pytest.approx(want.kl, rel=1e-4, abs=1e-9)
+            assert got.top1 == pytest.approx(want.top1) and got.ll == pytest.approx(want.ll, rel=1e-5)
+            if arm != "exact":
+                assert want.kl > 0
+        assert pre(prefix[:10]).shape[0] == 10  # not extending the prefix: the full pass
+    with pytest.raises(ValueError, match="does not extend"):
+        ref.tail(prefix[:-1] + [251, 3])
+    with pytest.raises(ValueError, match="outside positions"):
+        divergence.compare(ref.logp, ref.logp, prefix, start=0, n_bytes=1)
+
+
 def test_scores_match_teacher_forced_loglikelihoods(tmp_path, tiny):
     """lm-eval's per-choice log-likelihoods (and so acc) equal a direct forward pass."""
     model, tok, _ = tiny
@@ -190,11 +230,18 @@ def test_model_from_a_local_folder(tmp_path, tiny):
         models.load(str(tmp_path / "m" / "config.json"))
 
 
-def test_div_limit_beyond_limit_takes_gold_from_the_data(tmp_path, tiny):
+def test_div_limit_beyond_limit_takes_gold_from_the_data(tmp_path, tiny, monkeypatch):
     """GSM8K: generation on the first --limit items, the divergence (gold bpb) pass on --div-limit items
-    ('all' = every item); the extra items' gold sequences are the request dump's, scored like the others."""
+    ('all' = every item); the extra items' gold sequences are the request dump's, scored like the others.
+    The shared few-shot prefix is computed once per arm (checked against full passes below)."""
+    from lmul.eval import run as run_mod
     from tests._eval_fixtures import GSM8K, write_gsm8k
 
+    built = []
+    monkeypatch.setattr(run_mod, "MIN_SHARED_PREFIX", 4)
+    real = divergence.PrefixLogProbs
+    monkeypatch.setattr(divergence, "PrefixLogProbs", type("Spy", (real,), {
+        "__init__": lambda self, m, prefix: (built.append(len(prefix)), real.__init__(self, m, prefix))[1]}))
     model, tok, _ = tiny
     data = write_fixtures(tmp_path)
     write_gsm8k(data)
@@ -217,6 +264,7 @@ def test_div_limit_beyond_limit_takes_gold_from_the_data(tmp_path, tiny):
         assert it["ll"] == pytest.approx(divergence.compare(lp, lp, ids, start, 1).ll, abs=1e-5)
         assert it["n_bytes"] == len(req["continuation"].encode()) and it["kl"] == 0
     assert all(it["kl"] > 0 for it in res["divergence"]["gsm8k"]["lmul"]["items"])
+    assert len(built) == 2 and built[0] >= 4  # one prefix per arm (exact, lmul), not one per item
     assert "divergence items: all" in report.build(full).read_text()
     # --div-limit 3: the first three; the default (= --limit): the accuracy pass's two, the same records
     three = tmp_path / "three"
@@ -250,3 +298,40 @@ def test_div_limit_validation(kw, ok):
     else:
         with pytest.raises(ValueError):
             EvalConfig(**kw)
+
+
+def test_divergence_pass_resumes_from_its_progress_file(tmp_path, tiny, monkeypatch):
+    """An interrupted divergence pass picks up its saved records: the rerun computes only the items
+    not yet saved and returns the same records as an uninterrupted pass."""
+    from lmul.eval import run as run_mod
+    from tests._eval_fixtures import GSM8K
+
+    model, tok, _ = tiny
+    items = [{"doc_id": r["doc_id"], "context": r["request"]["context"], "gold": r["request"]["continuation"]}
+             for r in GSM8K]
+    clean, _ = run_mod.divergence_pass(model, tok, ["exact", "lmul"], items, 512)
+    monkeypatch.setattr(run_mod, "PROGRESS_SECONDS", -1.0)  # save after every item
+    progress = tmp_path / "progress.json"
+    calls, real = [], divergence.compare
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 7:  # the fourth item's first arm: items 0-2 are saved
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(divergence, "compare", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_mod.divergence_pass(model, tok, ["exact", "lmul"], items, 512, progress=progress)
+    assert [r["doc_id"] for r in store.read_json(progress)["recs"]["lmul"]] == [0, 1, 2]
+    calls.clear()
+    monkeypatch.setattr(divergence, "compare", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed, _ = run_mod.divergence_pass(model, tok, ["exact", "lmul"], items, 512, progress=progress)
+    assert len(calls) == 2 * (len(items) - 3)
+    for arm in ("exact", "lmul"):
+        assert [r["doc_id"] for r in resumed[arm]] == [r["doc_id"] for r in clean[arm]]
+        for a, b in zip(resumed[arm], clean[arm], strict=True):
+            assert a["ll"] == pytest.approx(b["ll"], abs=1e-9) and a["kl"] == pytest.approx(b["kl"], abs=1e-12)
+    # a progress file of other arms is not used
+    other, _ = run_mod.divergence_pass(model, tok, ["exact"], items, 512, progress=progress)
+    assert len(other["exact"]) == len(items)

@@ -30,6 +30,8 @@ from lmul.spec import PRESETS
 FULL_DIV_KINDS = ("generate",)  # kinds whose gold sequence (context, continuation) is a field of the data
 ARMS = tuple(PRESETS)  # an arm is a preset: an LMulSpec and where it goes (lmul.spec.PRESETS)
 # fields that must match to resume into an existing run folder
+PROGRESS_SECONDS = 60.0  # how often a divergence pass saves its records so far
+MIN_SHARED_PREFIX = 64  # tokens: shorter shared prefixes are not worth caching
 IDENTITY = ("model", "limit", "seed", "max_length", "div_limit", "device", "per_subject")
 
 
@@ -232,11 +234,15 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
                 exact_items = store.read_json(store.part_path(out, "acc", "exact", tname))["items"]
                 if cfg.div_beyond_limit:  # more items than the accuracy pass took: their gold from the data
                     exact_items = divergence_items(TASKS[tname], tm, exact_items, cfg.n_div)
-                recs, secs = divergence_pass(model, tok, arms, exact_items[:cfg.n_div], cfg.max_length, rank, world)
+                progress = out / "parts" / "progress" / f"div__{tname}__rank{rank}_of_{world}.json"
+                recs, secs = divergence_pass(model, tok, arms, exact_items[:cfg.n_div], cfg.max_length, rank, world,
+                                             progress)
                 if rank == 0:
                     for a in arms:
                         store.write_json(store.part_path(out, "div", a, tname), {
                             "arm": a, "task": tname, "seconds": secs[a], "world_size": world, "items": recs[a]})
+                harness.barrier()  # every part is written before any rank drops its progress file
+                progress.unlink(missing_ok=True)
                 done_new += len(arms)
     if rank == 0:
         meta = store.read_json(out / "config.json")
@@ -274,32 +280,68 @@ def divergence_items(task, task_manager, scored: list[dict], n: int | None) -> l
 
 
 def divergence_pass(model, tok, arms: list[str], items: list[dict], max_length: int, rank: int = 0,
-                    world: int = 1) -> tuple[dict[str, list[dict]] | None, dict[str, float]]:
+                    world: int = 1, progress: Path | None = None,
+                    ) -> tuple[dict[str, list[dict]] | None, dict[str, float]]:
     """Per-item KL / top-1 / gold ll of each arm against the unpatched model on the gold sequences.
 
     Item by item: one exact forward pass, then one pass per arm with the model patched for just
-    that pass, so the exact log-probs are computed once per item, not once per arm. Returns
-    ({arm: records} on rank 0, None elsewhere; {arm: seconds spent on it})."""
+    that pass, so the exact log-probs are computed once per item, not once per arm. Where every
+    context starts with the same >= ``MIN_SHARED_PREFIX`` tokens (GSM8K's 8-shot prompt), each arm
+    computes that prefix once (:class:`divergence.PrefixLogProbs`) and every item only its own
+    tokens (the same numbers as full passes up to float rounding). Returns ({arm: records} on
+    rank 0, None elsewhere; {arm: seconds spent on it}).
+
+    ``progress`` (a file per rank): the records so far are written there about once a minute and
+    picked up by a rerun with the same arms, so an interrupted pass resumes item by item."""
     mine = [it for i, it in enumerate(items) if i % world == rank]
     recs: dict[str, list[dict]] = {a: [] for a in arms}
     secs = dict.fromkeys(arms, 0.0)
-    for it in tqdm(mine, desc="  items", leave=False, disable=rank != 0):
-        ids, start = divergence.encode_pair(tok, it["context"], it["gold"], max_length)
+    if progress is not None and progress.exists():
+        saved = store.read_json(progress)
+        if saved["arms"] == list(arms):
+            recs, secs = saved["recs"], saved["secs"]
+    done = {r["doc_id"] for r in recs[arms[0]]}
+    saved_at = time.time()
+    encoded = [divergence.encode_pair(tok, it["context"], it["gold"], max_length) for it in mine]
+    # a token prefix every context shares (GSM8K's 8-shot prompt) is run once per arm, not once per item
+    prefix = divergence.common_prefix([ids[:start - 1] for ids, start in encoded]) if len(mine) > 1 else []
+    cached = len(prefix) >= MIN_SHARED_PREFIX
+    ref, by_arm = None, {}  # PrefixLogProbs of the exact model / (PrefixLogProbs, head) of each arm
+    for it, (ids, start) in zip(tqdm(mine, desc="  items", leave=False, disable=rank != 0), encoded, strict=True):
+        if it["doc_id"] in done:
+            continue
         n_bytes = len(it["gold"].encode("utf-8"))
         t = time.time()
-        lp_ref = divergence.log_probs(model, ids)
+        if cached:
+            ref = ref or divergence.PrefixLogProbs(model, prefix)
+            lp_ref, first = ref.tail(ids), len(prefix)
+        else:
+            lp_ref, first = divergence.log_probs(model, ids), 0
         t_ref = time.time() - t
         for a in arms:
             t = time.time()
+            head = (0.0, 0.0, 0)
             if a == "exact":
                 lp = lp_ref
+                if cached:  # KL(p ‖ p) = 0 and top-1 agrees at every prefix position
+                    head = (0.0, float(len(prefix)), len(prefix))
             else:
                 with arm_context(model, a):
-                    lp = divergence.log_probs(model, ids)
-            s = divergence.compare(lp_ref, lp, ids, start, n_bytes)
+                    if cached:
+                        if a not in by_arm:
+                            pre = divergence.PrefixLogProbs(model, prefix)
+                            by_arm[a] = (pre, pre.head(ref))
+                        pre, head = by_arm[a]
+                        lp = pre.tail(ids)
+                    else:
+                        lp = divergence.log_probs(model, ids)
+            s = divergence.compare(lp_ref, lp, ids, start, n_bytes, first, head)
             secs[a] += time.time() - t + (t_ref if a == "exact" else 0.0)
             recs[a].append({"doc_id": it["doc_id"], "kl": s.kl, "top1": s.top1, "ll": s.ll, "bpb": s.bpb,
                             "n_cont_tokens": s.n_cont_tokens, "n_bytes": n_bytes, "n_positions": s.n_positions})
+        if progress is not None and time.time() - saved_at > PROGRESS_SECONDS:
+            store.write_json(progress, {"arms": list(arms), "recs": recs, "secs": secs})
+            saved_at = time.time()
     if world > 1:
         gathered = [None] * world if rank == 0 else None
         torch.distributed.gather_object(recs, gathered, dst=0)
