@@ -167,3 +167,20 @@ def test_wall_time_of_the_sessions():
     assert "; wall time 1.0 min\n" in report.render(res)
     res["sessions"].append({"started": "c", "finished": "d", "wall_seconds": 120.0, "units": 3})
     assert "; wall time 3.0 min in 2 processes (1.0, 2.0 min)\n" in report.render(res)
+
+
+def test_divergence_table_gives_the_paired_bpb_difference():
+    """Δ bpb vs exact: the mean of the per-item differences (matched by doc_id, not position) with a
+    bootstrap CI around it; the exact row has none."""
+    res = _table5_results()
+    exact_bpb = [0.5, 0.7, 0.9, 1.1]
+    shifted = [b + d for b, d in zip(exact_bpb, [0.1, 0.3, 0.2, 0.2], strict=True)]  # mean +0.2
+    res["divergence"]["mmlu"]["exact"]["items"] = [{"doc_id": i, "bpb": b} for i, b in enumerate(exact_bpb)]
+    res["divergence"]["mmlu"]["e4m3"]["items"] = [{"doc_id": i, "bpb": shifted[i]} for i in (3, 2, 1, 0)]
+    rows = {r.split(" | ")[1]: r for r in report.render(res).splitlines() if r.startswith("| MMLU | ")}
+    assert rows["exact"].endswith("| – |")
+    cell = rows["e4m3"].split(" | ")[-1].rstrip(" |")
+    diff, ci = cell.split(" ", 1)
+    lo, hi = (float(x) for x in ci.strip("[]").split(", "))
+    assert float(diff) == pytest.approx(0.2, abs=1e-4) and 0.1 <= lo < 0.2 < hi <= 0.3
+    assert rows["e5m2"].endswith("| – |")  # no per-item records

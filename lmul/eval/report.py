@@ -306,21 +306,38 @@ def _table5(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _bpb_vs_exact(per: dict, arm: str, seed: int) -> str:
+    """Mean over items of the per-item bits-per-byte difference arm − exact, with its paired 95%
+    bootstrap CI (items matched by doc_id)."""
+    if arm == "exact" or "exact" not in per:
+        return "–"
+    ref = {it["doc_id"]: it["bpb"] for it in per["exact"]["items"]}
+    pairs = [(ref[it["doc_id"]], it["bpb"]) for it in per[arm]["items"] if it["doc_id"] in ref]
+    if len(pairs) < 2:
+        return "–"
+    diff, lo, hi = stats.paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], BOOT_ITERS, seed)
+    return f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def _div_table(results: dict) -> list[str]:
     div = results.get("divergence") or {}
     if not div:
         return []
     lines = ["### Divergence from the exact model on the gold sequences", "",
              "Mean over items of the per-position KL(exact ‖ arm) in nats, top-1 agreement with the exact model "
-             "(%), and the gold continuation's log-likelihood (nats, mean per item) and bits per UTF-8 byte.", "",
-             "| task | arm | n | KL | top-1 agree | gold ll | bpb |", "|---|---|---|---|---|---|---|"]
+             "(%), and the gold continuation's log-likelihood (nats, mean per item) and bits per UTF-8 byte "
+             "(all items' bits over all their bytes); Δ bpb: the mean over items of the per-item bpb difference "
+             f"arm − exact [paired 95% bootstrap CI, {BOOT_ITERS} resamples, seed {results['seed']}].", "",
+             "| task | arm | n | KL | top-1 agree | gold ll | bpb | Δ bpb vs exact |",
+             "|---|---|---|---|---|---|---|---|"]
     arms = results["config"]["arms"]
     for t, per in div.items():
         for a in arms:
             d = per.get(a)
             if d:
                 lines.append(f"| {_col(t)} | {a} | {d['n']} | {d['kl']:.3g} ± {d['kl_se']:.2g} | "
-                             f"{_pct(d['top1'], d['top1_se'])} | {d['ll_mean']:.3f} | {d['bpb']:.4f} |")
+                             f"{_pct(d['top1'], d['top1_se'])} | {d['ll_mean']:.3f} | {d['bpb']:.4f} | "
+                             f"{_bpb_vs_exact(per, a, results['seed'])} |")
     return lines + [""]
 
 
