@@ -329,3 +329,24 @@ def test_bit_carry_of_two_near_the_top_binade(fmt, offset, acc, backend):
     if acc is None:
         assert torch.equal(got, want), (got, want)
     assert torch.isfinite(got).all() and torch.equal(got, matmul(a, b, spec=spec, backend="reference")[0])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "e8m3", "fp32"])
+@pytest.mark.parametrize("backend", FAST)
+def test_formula_products_in_float32_subnormals_are_exact(fmt, backend):
+    """Formula mode splits a product into two float32 terms, X Y^ + X^ (Y + (c-1) Y^). Where
+    xe + ye < -126 each term rounds on its own in float32's subnormals and their sum can miss the
+    once-rounded product by an ulp (found by tests/test_fuzz.py: bf16, 2^-70 x 2^-70). Such rows
+    are recomputed by the reference; with K = 1 every entry is a single product, bit for bit the
+    elementwise L-Mul (lmul.mul), whose oracle is float64."""
+    if (why := _why_not(backend, fmt, "formula")) is not None:
+        pytest.skip(why)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 1, generator=g) * 2.0**-70
+    b = torch.randn(1, 7, generator=g) * 2.0**-70
+    b[0, 0] = 1.0  # a column of normal products beside the subnormal ones
+    spec = LMulSpec(fmt, "formula")
+    want = mul(a.expand(6, 7), b.expand(6, 7), spec=spec)
+    assert (want[:, 1:].abs() < 2.0**-126).all() and (want[:, 1:] != 0).all()  # the case at hand
+    got = matmul(a, b, spec=spec, backend=backend)
+    assert torch.equal(got, want), (got - want).abs().max()

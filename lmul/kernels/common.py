@@ -6,8 +6,9 @@ row or column of C recomputed by the reference backend, so that the contract
 (``docs/semantics.md`` sections 2 and 4) holds exactly there:
 
 * operands that are inf/NaN (and, for some decompositions, values in float32's top binade);
-* rows/columns where a term of a tensor-core decomposition could fall below float32's normal
-  range (:func:`underflow_risk`; only formats with float32's exponent range, ``triton-tc``);
+* rows/columns where a term of a decomposition could fall below float32's normal range
+  (:func:`underflow_risk`; only formats with float32's exponent range: ``triton-tc``, and formula
+  mode on ``cpu`` / ``decompose``, whose two float32 terms would each round in the subnormals);
 * rows/columns where a product or a partial sum could leave float32's range: with ``|a_ik| < 2^ea_i``
   and ``|b_kj| < 2^eb_j`` every product has ``|P| < 2^(ea_i + eb_j + 3)`` (L-Mul exceeds the exact
   product by less than a factor 4, quantization rounds up by less than 2), so every partial sum is

@@ -13,7 +13,8 @@ torch headers, builds in about 2 s, no ninja). ``LMUL_CXX`` overrides the compil
   Register-blocked 4 rows x 64 columns, k blocks of 256. A tile where some product's exponent
   could leave float32's normal range is computed by an exact scalar path instead.
 * ``formula`` / ``exact`` mode: fused preparation in C++, then one torch (BLAS) float32 matmul
-  (:mod:`lmul.kernels.decompose` gives the math).
+  (:mod:`lmul.kernels.decompose` gives the math; formula rows with float32-subnormal products
+  go to the reference, as there).
 * ``acc=<format>`` (every mode): no BLAS (its order is unspecified); one C++ kernel forms each
   product exactly and sums in the defined order (docs/semantics.md section 4, docs/kernels.md).
 
@@ -36,7 +37,7 @@ from typing import Optional
 import torch
 
 from lmul.formats import Format, quantize
-from lmul.kernels.common import fixup, spec_unsupported
+from lmul.kernels.common import fixup, spec_unsupported, underflow_risk
 from lmul.spec import MODE_CODES, LMulSpec
 
 __all__ = ["load", "compiler", "cpu_matmul", "cpu_mul", "quantize_cpu", "release_workspace", "FLAGS", "machine",
@@ -305,6 +306,9 @@ def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor
         out, rows, cols = _bit(a32, b32, spec, lib)
     else:
         out, rows, cols = _formula_or_exact(a32, b32, spec, lib)
+        if spec.mode == "formula":  # float32-subnormal products: the two terms would round apart
+            risk_rows, risk_cols = underflow_risk(a, b, spec.fmt.emin, 0)
+            rows, cols = rows | risk_rows, cols | risk_cols
     return fixup(out, a, b, spec, rows, cols)
 
 

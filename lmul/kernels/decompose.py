@@ -6,8 +6,11 @@ Write ``X`` for a quantized operand (flushed to 0 when zero or subnormal), ``X^ 
 * ``formula`` (paper Eq. 1): ``P = (1 + xm + ym + c) 2^(xe+ye) = X Y^ + X^ (Y + (c-1) Y^)``, so
   ``C = [A, A^] @ [B^ ; B + (c-1) B^]``: one matmul with K doubled. Both terms are exact in
   float32 (a value with <= 24 significant bits times a power of two; ``Y + (c-1) Y^ =
-  sign (M_y 2^-m + c) 2^ye`` has <= 24 bits when c is a multiple of 2^-23 and its last bit is
-  >= 2^-149) and have the same sign, so they sum without cancellation.
+  sign (M_y 2^-m + c) 2^ye`` has <= 24 bits when c is a multiple of 2^-23) as long as their last
+  bit is >= 2^-149, which holds when ``xe + ye >= -126``; rows or columns where some
+  ``xe + ye < -126`` (float32 subnormal products, formats with 8 exponent bits) are recomputed by
+  the reference, since there each term would round on its own. Both terms have the same sign, so
+  they sum without cancellation.
 * ``bit`` with ``m <= 4`` (paper Eq. 2): ``P = X^ Y^ g(M_x, M_y)`` with the carry factor
   ``g = 2^q (1 + (S - q 2^m) / 2^m)``, ``S = M_x + M_y + c 2^m``. One-hot expansion of ``M_x``:
   ``C = sum_v [M_A == v] A^ @ (B^ g(v, M_B))``: one matmul with K times 2^m. Each product is one
@@ -29,7 +32,7 @@ from typing import Optional
 import torch
 
 from lmul.formats import quantize
-from lmul.kernels.common import fixup, spec_unsupported, split_normal
+from lmul.kernels.common import fixup, spec_unsupported, split_normal, underflow_risk
 from lmul.spec import LMulSpec
 
 __all__ = ["decompose_matmul", "unavailable", "MAX_BIT_MAN_BITS", "carry_table", "DESCRIPTION"]
@@ -134,7 +137,8 @@ def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.
             left = torch.cat([xa, ha], dim=-1)                          # [B, M, 2K]
             right = torch.cat([hb, xb + (spec.offset - 1.0) * hb], dim=-2)  # [B, 2K, N], exact
             out = torch.matmul(left, right)
-            rows, cols = _special(aq, -1), _special(bq, -2)
+            rows, cols = underflow_risk(a, b, spec.fmt.emin, 0)  # a term below 2^-126 may round
+            rows, cols = rows | _special(aq, -1), cols | _special(bq, -2)
         else:  # bit, m <= 4
             off = int(spec.offset * 2**m)
             _, ha, ma = split_normal(aq, spec.fmt)

@@ -180,6 +180,39 @@ static inline float bit_product_exact(uint32_t ab, uint32_t bb, int m, int off) 
     return ((ab ^ bb) & 0x80000000u) ? -v : v;
 }
 
+// one k row of a right-operand strip (JS columns, the first jn real, the rest padding that reads
+// as 0: flushed, weight 0): vo = bits (0.5f if not normal), wo = 1/0, the normal entries' exponent
+// field range into lo/hi; returns 1 if some entry is inf/NaN. A function of its own so that the
+// loops vectorise (inlined into the OpenMP body they do not; a decode step's cost is this loop).
+__attribute__((noinline)) static int32_t prep_strip_row(const float* yr, int64_t jn, const QParams q, int32_t fmin_normal,
+                                     uint32_t* __restrict vo, float* __restrict wo, int32_t& lo, int32_t& hi) {
+    float tail[JS];
+    const float* src = yr;
+    if (jn < JS) {
+        for (int j = 0; j < JS; ++j) tail[j] = j < jn ? yr[j] : 0.0f;
+        src = tail;
+    }
+    uint32_t qb[JS];
+    for (int j = 0; j < JS; ++j) qb[j] = quant_bits(src[j], q);
+    int32_t bad = 0, l = lo, h = hi;
+    for (int j = 0; j < JS; ++j) {
+        const int32_t f = (int32_t)((qb[j] >> 23) & 0xFF);
+        const bool normal = f != 255 && f >= fmin_normal;  // kind_of(qb) == 1
+        vo[j] = normal ? qb[j] : 0x3F000000u;
+        wo[j] = normal ? 1.0f : 0.0f;
+    }
+    for (int j = 0; j < JS; ++j) {
+        const int32_t f = (int32_t)((qb[j] >> 23) & 0xFF);
+        const int32_t normal = (f != 255) & (f >= fmin_normal);
+        bad |= (int32_t)(f == 255);
+        l = std::min(l, normal ? f : 1000);
+        h = std::max(h, normal ? f : -1000);
+    }
+    lo = l;
+    hi = h;
+    return bad;
+}
+
 extern "C" {
 
 int lmul_strip_width() { return JS; }
@@ -236,29 +269,20 @@ void lmul_prep_bit_b(const float* y, int64_t nb, int64_t K, int64_t N, uint32_t*
                      int16_t* fmx, uint8_t* colflag, const QParams* p, int nt) {
     const QParams q = *p;
     const int64_t ns = (N + JS - 1) / JS, nkb = (K + KB - 1) / KB;
+    const int32_t fmin_normal = std::max(q.emin + 127, 1);
     std::memset(colflag, 0, (size_t)(nb * N));
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(3)
     for (int64_t bt = 0; bt < nb; ++bt) {
         for (int64_t s = 0; s < ns; ++s) {
             for (int64_t b = 0; b < nkb; ++b) {
-                int lo = 1000, hi = -1000;
+                int32_t lo = 1000, hi = -1000;
                 const float* yb = y + bt * K * N;
+                const int64_t jn = std::min<int64_t>(JS, N - s * JS);
                 for (int64_t k = b * KB; k < std::min(K, (b + 1) * KB); ++k) {
-                    uint32_t* vo = vb + ((bt * ns + s) * K + k) * JS;
-                    float* wo = wb + ((bt * ns + s) * K + k) * JS;
-                    const int64_t jn = std::min<int64_t>(JS, N - s * JS);
+                    uint32_t* __restrict vo = vb + ((bt * ns + s) * K + k) * JS;
+                    float* __restrict wo = wb + ((bt * ns + s) * K + k) * JS;
                     const float* yr = yb + k * N + s * JS;
-                    uint8_t bad = 0;
-                    for (int j = 0; j < JS; ++j) {
-                        const uint32_t qb = j < jn ? quant_bits(yr[j < jn ? j : 0], q) : 0u;
-                        const int kd = kind_of(qb, q);
-                        const int f = (int)((qb >> 23) & 0xFF);
-                        bad |= (uint8_t)(kd == 2);
-                        lo = std::min(lo, kd == 1 ? f : 1000);
-                        hi = std::max(hi, kd == 1 ? f : -1000);
-                        vo[j] = kd == 1 ? qb : 0x3F000000u;
-                        wo[j] = kd == 1 ? 1.0f : 0.0f;
-                    }
+                    const int32_t bad = prep_strip_row(yr, jn, q, fmin_normal, vo, wo, lo, hi);
                     if (bad)  // rare: mark the columns (benign race: every writer stores 1)
                         for (int j = 0; j < jn; ++j)
                             if (kind_of(quant_bits(yr[j], q), q) == 2) colflag[bt * N + s * JS + j] = 1;
