@@ -164,6 +164,8 @@ CASES = [
     (["bench", "--configs", "foo"], ["argument --configs: 'foo': unknown spec 'foo'", "use a preset (exact,"]),
     (["bench", "--configs", "e99m3-bit"], ["argument --configs: 'e99m3-bit'", "exp_bits must be an int in 1..8"]),
     (["bench", "--sizes", "0,512"], ["argument --sizes: takes comma-separated integers >= 1"]),
+    (["bench", "--kinds", "square,decoder"], ["argument --kinds: takes case kinds from square, attn, decode"]),
+    (["bench", "--decode-lens", "0"], ["argument --decode-lens: takes comma-separated integers >= 1"]),
     (["bench", "--reps", "0"], ["argument --reps: must be a positive integer"]),
     (["bench", "--min-time", "nan"], ["argument --min-time: must be a number >= 0"]),
     (["bench", "--threads", "-1"], ["argument --threads: must be an integer >= 0"]),

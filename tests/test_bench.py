@@ -1,0 +1,51 @@
+"""lmul.bench: the timed shapes, the target column, and a short real run that writes its section."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from lmul import bench
+from lmul.spec import LMulSpec
+
+
+def test_cases_shapes_and_kinds():
+    got = bench.cases([16], [32], [8], heads=3, decode_lens=[40])
+    shapes = {c.name: (c.batch, c.m, c.k, c.n, c.targeted) for c in got}
+    assert shapes == {
+        "square 16": (0, 16, 16, 16, True),
+        "attn QK^T bh=3 s=32 d=8": (3, 32, 8, 32, True),
+        "attn PV bh=3 s=32 d=8": (3, 32, 32, 8, True),
+        "decode QK^T bh=3 t=40 d=8": (3, 1, 8, 40, False),
+        "decode PV bh=3 t=40 d=8": (3, 1, 40, 8, False),
+    }
+    only = bench.cases([16], [32], [8], heads=3, decode_lens=[40], kinds=("decode",))
+    assert [c.name for c in only] == ["decode QK^T bh=3 t=40 d=8", "decode PV bh=3 t=40 d=8"]
+    a, b = only[1].operands("cpu")
+    assert a.shape == (3, 1, 40) and b.shape == (3, 40, 8)
+
+
+def test_run_rows_and_targets(tmp_path):
+    case_list = bench.cases([8], [], [8], heads=2, decode_lens=[16], kinds=("square", "decode"))
+    spec = LMulSpec.from_name("bf16-bit")
+    rows = bench.run([spec], ["auto"], case_list, reps=1, naive_size=0, progress=lambda s: None)
+    by_case = {r["case"]: r for r in rows}
+    assert by_case["square 8"]["target"] == bench.TARGETS["bf16-bit"]
+    for name in ("decode QK^T bh=2 t=16 d=8", "decode PV bh=2 t=16 d=8"):
+        row = by_case[name]
+        assert row["target"] is None and bench._verdict(row) == ""
+        assert row["ratio"] == pytest.approx(row["time_ms"] / row["native_ms"])
+        assert row["tflops"] == pytest.approx(2 * 2 * 1 * 8 * 16 / (row["time_ms"] / 1e3) / 1e12)
+    out = tmp_path / "R.md"
+    bench.write_results(rows, out, "lmul bench --kinds square,decode", "cpu", key="t")
+    text = out.read_text()
+    assert "decode PV bh=2 t=16 d=8" in text and "lmul-bench:t:start" in text
+
+
+def test_kinds_argument():
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert p.parse_args(["--kinds", "decode, square"]).kinds == "decode,square"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--kinds", "decoder"])
