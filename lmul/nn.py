@@ -81,23 +81,29 @@ def lmul_attention(
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(f"lmul_attention expects 4-D [B, H, S, D] tensors, got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
-    h, h_kv = query.shape[1], key.shape[1]
+    b, h, sq, d = query.shape
+    h_kv, sk = key.shape[1], key.shape[2]
     if h % h_kv:
         raise ValueError(f"query heads {h} are not a multiple of key/value heads {h_kv}")
-    key, value = repeat_kv(key, h // h_kv), repeat_kv(value, h // h_kv)
+    n_rep = h // h_kv
     if scaling is None:
-        scaling = query.shape[-1] ** -0.5
+        scaling = d**-0.5
     dtype = query.dtype
     spec = config.spec
 
-    scores = matmul(query, key.transpose(2, 3), spec=spec).to(dtype) * scaling  # [B, H, Sq, Sk]
+    # GQA: the n_rep query heads of a key/value head are stacked as rows of one L-Matmul against
+    # that head's K and V ([B, H_kv, n_rep Sq, D]) instead of repeating K and V n_rep times: the
+    # same products and the same per-entry sums, and each K/V head is quantized and prepared once
+    # (a decoding step's main cost, docs/kernels.md)
+    q = query.reshape(b, h_kv, n_rep * sq, d)
+    scores = matmul(q, key.transpose(2, 3), spec=spec).reshape(b, h, sq, sk).to(dtype) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
-        scores = scores + _additive(attention_mask, dtype)[..., : key.shape[-2]]
+        scores = scores + _additive(attention_mask, dtype)[..., :sk]
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
-    out = matmul(weights, value, spec=spec).to(dtype)  # [B, H, Sq, D]
+    out = matmul(weights.reshape(b, h_kv, n_rep * sq, sk), value, spec=spec).reshape(b, h, sq, d).to(dtype)
     return out.transpose(1, 2).contiguous(), weights
 
 

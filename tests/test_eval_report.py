@@ -184,3 +184,25 @@ def test_divergence_table_gives_the_paired_bpb_difference():
     lo, hi = (float(x) for x in ci.strip("[]").split(", "))
     assert float(diff) == pytest.approx(0.2, abs=1e-4) and 0.1 <= lo < 0.2 < hi <= 0.3
     assert rows["e5m2"].endswith("| – |")  # no per-item records
+
+
+def test_generation_agreement_matches_outputs_by_doc_id():
+    """Greedy outputs compared with exact's item by item (by doc_id, not position): identical
+    outputs, changed exact-match scores and mean length; the table lists exact without a count."""
+    def entry(outs, accs, order):
+        items = [{"doc_id": i, "acc": float(accs[i]), "output": outs[i]} for i in order]
+        return {"n": len(items), "acc": sum(accs) / len(accs), "se": 0.0, "seconds": 1.0, "items": items}
+    exact = ["a. So the answer is 3.", "b", "So the answer is 7.", "dd"]
+    lmul_out = ["a. So the answer is 3.", "b!", "So the answer is 8.", "dd"]
+    res = _results()
+    res["config"]["arms"], res["config"]["tasks"] = ["exact", "lmul"], ["gsm8k"]
+    res["tasks"] = {"gsm8k": {"exact": entry(exact, [1, 0, 1, 0], range(4)),
+                              "lmul": entry(lmul_out, [1, 0, 0, 0], (3, 1, 0, 2))}}
+    g = report.generation_agreement(res, "gsm8k", "lmul")
+    assert g == {"n": 4, "identical": 2, "score_changed": 1, "mean_chars": pytest.approx(sum(map(len, lmul_out)) / 4)}
+    assert report.generation_agreement(res, "gsm8k", "e4m3") is None
+    assert report.generation_agreement(_results(), "mmlu", "lmul") is None  # no outputs: not a generation task
+    text = report.render(res)
+    assert "### Greedy generations against the exact model's" in text
+    assert "| GSM8K | lmul | 4 | 2 / 4 | 1 | 11 |" in text and "| GSM8K | exact | 4 | – | – | 11 |" in text
+    assert "### Greedy generations" not in report.render(_results())

@@ -161,18 +161,21 @@ def test_attention_boolean_and_additive_masks_agree():
     assert masked.any() and (w1[masked] == 0).all()
 
 
-def test_attention_gqa_equals_repeated_heads_and_handwritten():
+@pytest.mark.parametrize("fmt", ["e4m3", "bf16"])
+def test_attention_gqa_equals_repeated_heads_and_handwritten(fmt):
+    """GQA query heads are stacked as rows against their K/V head (no repeated K/V): bit for bit
+    the attention over explicitly repeated heads, and head by head the handwritten formula."""
     q, k, v = _qkv()
-    cfg = LMulConfig(fmt="e4m3", mode="bit")
+    cfg = LMulConfig(fmt=fmt, mode="bit")
     out, weights = lmul_attention(_Attn(), q, k, v, None, scaling=0.3, softcap=2.0, config=cfg)
     out_rep, _ = lmul_attention(_Attn(), q, repeat_kv(k, 2), repeat_kv(v, 2), None, scaling=0.3, softcap=2.0,
                                 config=cfg)
     assert torch.equal(out, out_rep)
     # head 3 uses kv head 1, written out by hand
-    s = lmul.matmul(q[0, 3], k[0, 1].t(), fmt="e4m3") * 0.3
+    s = lmul.matmul(q[0, 3], k[0, 1].t(), fmt=fmt) * 0.3
     p = torch.softmax(torch.tanh(s / 2.0) * 2.0, dim=-1)
     torch.testing.assert_close(weights[0, 3], p)
-    torch.testing.assert_close(out[0, :, 3], lmul.matmul(p, v[0, 1], fmt="e4m3"))
+    torch.testing.assert_close(out[0, :, 3], lmul.matmul(p, v[0, 1], fmt=fmt))
 
 
 def test_attention_rejects_sinks_and_bad_heads():

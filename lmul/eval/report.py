@@ -319,6 +319,41 @@ def _bpb_vs_exact(per: dict, arm: str, seed: int) -> str:
     return f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
+def generation_agreement(results: dict, task: str, arm: str) -> dict | None:
+    """For a generation task: over the items both ``arm`` and exact generated, how many greedy
+    outputs are identical to exact's, how many differ in their exact-match score, and the mean
+    output length (characters) of the arm. None when the task has no generated outputs."""
+    entries = results["tasks"].get(task, {})
+    if arm not in entries or "exact" not in entries:
+        return None
+    ref = {it["doc_id"]: it for it in entries["exact"]["items"] if "output" in it}
+    mine = [it for it in entries[arm]["items"] if "output" in it and it["doc_id"] in ref]
+    if not mine:
+        return None
+    return {"n": len(mine), "identical": sum(it["output"] == ref[it["doc_id"]]["output"] for it in mine),
+            "score_changed": sum(it["acc"] != ref[it["doc_id"]]["acc"] for it in mine),
+            "mean_chars": sum(len(it["output"]) for it in mine) / len(mine)}
+
+
+def _generation_table(results: dict) -> list[str]:
+    rows = []
+    for t in results["tasks"]:
+        for a in _arms(results):
+            g = generation_agreement(results, t, a)
+            if g:
+                same = "–" if a == "exact" else f"{g['identical']} / {g['n']}"
+                changed = "–" if a == "exact" else str(g["score_changed"])
+                rows.append(f"| {_col(t)} | {a} | {g['n']} | {same} | {changed} | {g['mean_chars']:.0f} |")
+    if not rows:
+        return []
+    return ["### Greedy generations against the exact model's", "",
+            "Items whose greedy output (up to the task's stop sequences or token limit) is character for "
+            "character the exact model's, items whose exact-match score differs from exact's, and the mean "
+            "output length in characters.", "",
+            "| task | arm | n | output identical to exact | score changed | mean length |",
+            "|---|---|---|---|---|---|", *rows, ""]
+
+
 def _div_table(results: dict) -> list[str]:
     div = results.get("divergence") or {}
     if not div:
@@ -433,6 +468,7 @@ def render(results: dict) -> str:
     lines += _acc_table(results, others, "Other tasks")
     lines += _table5_mmlu(results)
     lines += _table5(results)
+    lines += _generation_table(results)
     lines += _div_table(results)
     lines += _subgroup_tables(results)
     lines += ["Plots: `accuracy.png`, `kl.png`. Rebuild this report with `lmul report <this folder>`.", ""]
