@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from lmul import bench
 from lmul.spec import LMulSpec
@@ -49,3 +50,24 @@ def test_kinds_argument():
     assert p.parse_args(["--kinds", "decode, square"]).kinds == "decode,square"
     with pytest.raises(SystemExit):
         p.parse_args(["--kinds", "decoder"])
+
+
+def test_decode_benchmark_script(tmp_path):
+    """benchmarks/decode.py on a tiny cache: one row per (T, arm), the section written."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+    spec = importlib.util.spec_from_file_location("decode_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "R.md"
+    assert mod.main(["--batch", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--lens", "5,9",
+                     "--arms", "lmul,e4m3", "--reps", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "lmul-bench:decode:start" in text
+    rows = [r for r in text.splitlines() if r.startswith("| 5 |") or r.startswith("| 9 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["lmul", "e4m3", "lmul", "e4m3"]
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    want = torch.softmax(q @ mod.repeat_kv(k, 2).transpose(2, 3) / 8**0.5, -1) @ mod.repeat_kv(v, 2)
+    torch.testing.assert_close(mod.eager_attention(q, k, v, torch.zeros(2, 1, 1, 5)), want)
