@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from lmul.bench import machine_line
+from lmul.bench import best_times, machine_line
 from lmul.config import LMulConfig
 from lmul.files import replace_section
 from lmul.nn import lmul_attention, repeat_kv
@@ -39,16 +38,6 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     s = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + mask
     return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32), v)
-
-
-def best(fns, reps: int) -> list[float]:
-    times = [float("inf")] * len(fns)
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            times[i] = min(times[i], time.perf_counter() - t)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             ours = partial(lmul_attention, _Module(), q, k, v, mask, config=cfg)
             before = partial(lmul_attention, _Module(), q, k_rep, v_rep, mask, config=cfg)
             native = partial(eager_attention, q, k, v, mask)
-            for fn in (ours, before, native):
-                fn()  # warm-up (compiles the CPU kernels on first use)
-            t_ours, t_before, t_nat = best([ours, before, native], args.reps)
+            t_ours, t_before, t_nat = best_times([ours, before, native], "cpu", args.reps, 0.0)  # warms up first
             row = (f"| {t} | {arm} | {t_ours * 1e3:.2f} ms | {t_before * 1e3:.2f} ms | {t_nat * 1e3:.2f} ms | "
                    f"{t_ours / t_nat:.1f}x | {t_before / t_nat:.1f}x |")
             rows.append(row)

@@ -16,7 +16,7 @@ import datetime
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -67,8 +67,8 @@ class Case:
 KINDS = ("square", "attn", "decode")
 
 
-def cases(sizes: list[int], seqs: list[int], head_dims: list[int], heads: int, decode_lens: list[int] = (),
-          kinds: tuple[str, ...] = KINDS) -> list[Case]:
+def cases(sizes: Sequence[int], seqs: Sequence[int], head_dims: Sequence[int], heads: int,
+          decode_lens: Sequence[int] = (), kinds: Sequence[str] = KINDS) -> list[Case]:
     """The timed shapes: square ``s^3``; attention ``Q K^T`` ([s, d] @ [d, s]) and ``P V``
     ([s, s] @ [s, d]) over ``heads`` batches; decoding steps, one query row against ``t`` cached
     keys (``[1, d] @ [d, t]`` and ``[1, t] @ [t, d]``), where preparing the cache is the whole cost
