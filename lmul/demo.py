@@ -70,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from lmul.cli import int_arg
 
-    p = sub.add_parser("demo", help="print the golden table and an error summary")
+    p = sub.add_parser("demo", help="print the golden table and an error summary",
+                       description="Prints the contract's golden values (docs/semantics.md §3), each product "
+                       "recomputed by lmul.mul, and the relative error |P - xy| / |xy| of L-Mul (2/3/4-bit, bf16) "
+                       "and of fp8/bf16 multiplies over --n random N(0,1) operand pairs.")
     p.add_argument("--n", type=int_arg(1), default=1_000_000, help="operand pairs for the error summary")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=run)

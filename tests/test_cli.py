@@ -37,3 +37,28 @@ def test_readme_example_runs_as_written():
     out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert "tensor([12.5000,  2.6250])" in out
     assert "tensor([13.0000,  2.3750])" in out
+
+
+def _subparsers():
+    import argparse
+
+    from lmul.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_subcommand_help_has_a_description(capsys):
+    """`lmul X --help` shows a paragraph saying what X does, not only its usage and options
+    (issue 25: demo and report had none). The description is argparse's, printed after usage."""
+    subs = _subparsers()
+    assert {"demo", "report", "eval", "fetch", "bench"} <= set(subs)
+    for name in subs:
+        try:
+            main([name, "--help"])
+        except SystemExit as stop:
+            assert stop.code == 0, name
+        out = capsys.readouterr().out
+        desc = subs[name].description
+        assert desc and len(desc.split()) >= 5, f"lmul {name} --help has no description"
+        assert " ".join(desc.split()[:3]) in " ".join(out.split()), name

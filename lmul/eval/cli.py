@@ -174,8 +174,11 @@ def register(sub) -> None:
     p.add_argument("--no-fetch", action="store_true", help="fail instead of fetching missing assets")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("report", help="rebuild results.json, report.md and plots of a run folder")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="rebuild results.json, report.md and plots of a run folder",
+                       description="Rebuilds report.md, its plots and results.json of a run folder written by "
+                       "`lmul eval --out` or `lmul finetune --out` (resumed or finished), from the per-unit files "
+                       "in its parts/ folder, or with --from-json from results.json alone. Prints the report's path.")
+    p.add_argument("run_dir", help="the run folder (the --out of lmul eval / lmul finetune)")
     p.add_argument("--from-json", action="store_true",
                    help="use results.json (or results.json.gz) as is (do not re-read parts/)")
     p.set_defaults(func=_report)
