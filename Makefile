@@ -7,10 +7,9 @@ EXTRAS  ?= test,eval
 
 .PHONY: run demo test install lint bench clean hw-deps hw-verify hw-table gpu-check
 
-# `make run`: the embedded default evaluation (docs/eval.md). Assets go to a git-ignored folder;
-# rerunning resumes (finished (arm, task) results are skipped). RUN_LIMIT=all evaluates every item.
-LMUL_HOME ?= $(CURDIR)/.cache/lmul
-export LMUL_HOME
+# `make run`: the embedded default evaluation (docs/eval.md). Assets go where `lmul` keeps them
+# ($LMUL_HOME, default ~/.cache/lmul; `lmul fetch --where`); rerunning resumes (finished (arm, task)
+# results are skipped). RUN_LIMIT=all evaluates every item.
 RUN_LIMIT ?= 30
 RUN_OUT   ?= results/default-limit$(RUN_LIMIT)
 # one torch thread: on a 2-core machine shared with other work it is 4-10x faster than two (docs/eval.md)

