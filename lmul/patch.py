@@ -275,30 +275,63 @@ def _apply(model: nn.Module, config: LMulConfig, filter_fn, handle: PatchHandle)
     wants_attention = config.scope in ("attention", "all")
     if wants_attention:
         _check_attention_model(model, config)
-    # post-order walk: children first, so that a gated MLP wraps its already-swapped projections
-    swaps: list[_Swap] = []
+    for module, places in _placements(model):
+        fqns = [fqn for _, _, fqn in places]
+        chosen = [_selected(config, filter_fn, module, fqn) for fqn in fqns]
+        if not any(chosen):
+            continue
+        first = fqns[chosen.index(True)]
+        new = None
+        if config.scope in ("linear", "all") and _is_linear(module):
+            new = LMulLinear.from_linear(module, config)
+        elif config.scope == "all":
+            new = _elementwise(module, first, config)
+        if new is None:
+            continue
+        _check_shared_selection(module, fqns, chosen)
+        for parent, name, fqn in places:  # every position of a shared module gets the one replacement
+            setattr(parent, name, new)
+            handle._swaps.append(_Swap(fqn, parent, name, module, new))
 
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
-            fqn = f"{prefix}.{name}" if prefix else name
-            visit(child, fqn)
-            new = None
-            if _selected(config, filter_fn, child, fqn):
-                if config.scope in ("linear", "all") and _is_linear(child):
-                    new = LMulLinear.from_linear(child, config)
-                elif config.scope == "all":
-                    new = _elementwise(child, fqn, config)
-            if new is not None:
-                setattr(parent, name, new)
-                swaps.append(_Swap(fqn, parent, name, child, new))
-                handle._swaps.append(swaps[-1])
-
-    visit(model, "")
     if wants_attention:
         _prepare_attention(model, config, filter_fn, handle)
     if not handle._swaps and not any(m._lmul_attention.config for _, m in handle._attention):
         raise ValueError(f"patch({config.tag!r}) selected nothing to patch in {type(model).__name__} "
                          f"(layers={config.layers!r}, filter_fn={'set' if filter_fn else None})")
+
+
+def _placements(model: nn.Module) -> list[tuple[nn.Module, list[tuple[nn.Module, str, str]]]]:
+    """Every submodule of ``model`` with all its positions ``(parent, attribute, qualified name)``,
+    in post-order of first appearance (children before their parent, so that a gated MLP wraps its
+    already-swapped projections). A module object registered in several places (``Sequential(lin,
+    act, lin)``, tied or shared layers) is listed once with every place: ``named_children`` and
+    ``named_modules`` skip repeats, which would leave the later places unpatched."""
+    order: dict[int, tuple[nn.Module, list[tuple[nn.Module, str, str]]]] = {}
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            fqn = f"{prefix}.{name}" if prefix else name
+            walk(child, fqn)
+            order.setdefault(id(child), (child, []))[1].append((parent, name, fqn))
+
+    walk(model, "")
+    return list(order.values())
+
+
+def _check_shared_selection(module: nn.Module, fqns: list[str], chosen: list[bool]) -> None:
+    """One module object runs one arm: a shared module selected at some of its names but not all
+    (by ``layers=`` or ``filter_fn``) cannot be patched at some and left exact at others."""
+    if all(chosen) or not any(chosen):
+        return
+    yes = [f for f, c in zip(fqns, chosen, strict=True) if c]
+    no = [f for f, c in zip(fqns, chosen, strict=True) if not c]
+    raise ValueError(
+        f"the {type(module).__name__} at {yes} is the same module object as at {no}, which the selection "
+        "(layers=/filter_fn) leaves exact; a shared module runs one arm everywhere: select all of its names "
+        "or none"
+    )
 
 
 def _check_attention_model(model: nn.Module, config: LMulConfig) -> None:
@@ -325,13 +358,14 @@ def _prepare_attention(model: nn.Module, config: LMulConfig, filter_fn, handle: 
 
     _register_attention()
     impl = model.config._attn_implementation
-    found = [(fqn, m) for fqn, m in model.named_modules() if _is_attention(m)]
+    found = [(m, [fqn for _, _, fqn in places]) for m, places in _placements(model) if _is_attention(m)]
     if not found:
         raise NotImplementedError(f"found no attention modules in {type(model).__name__} (unsupported architecture)")
-    for fqn, m in found:
-        chosen = config if _selected(config, filter_fn, m, fqn) else None
-        m.__dict__["_lmul_attention"] = _AttentionState(chosen, _fallback(m, impl), impl)
-        handle._attention.append((fqn, m))
+    for m, fqns in found:  # the state lives on the module object: every name it has runs the same arm
+        chosen = [_selected(config, filter_fn, m, fqn) for fqn in fqns]
+        _check_shared_selection(m, fqns, chosen)
+        m.__dict__["_lmul_attention"] = _AttentionState(config if chosen[0] else None, _fallback(m, impl), impl)
+        handle._attention.extend((fqn, m) for fqn in fqns)
     seen = set()
     for m in model.modules():
         if isinstance(m, PreTrainedModel) and id(m.config) not in seen:
@@ -387,7 +421,7 @@ def inspect(model: nn.Module, print_summary: bool = False) -> PatchSummary:
     ``nn.Linear``/``Conv1D`` layers left unpatched."""
     handle = model.__dict__.get("_lmul_handle")
     summary = PatchSummary(type(model).__name__, handle.config.tag if handle else None)
-    for fqn, m in model.named_modules():
+    for fqn, m in model.named_modules(remove_duplicate=False):  # a shared module at each of its names
         kind = next((what for cls, what in _PRODUCTS.items() if isinstance(m, cls)), None)
         if kind is not None:
             summary.rows.append((fqn, kind, m.config.tag))

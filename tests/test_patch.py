@@ -536,3 +536,78 @@ def test_training_through_exact_mode_gives_the_model_gradients():
         got = grads()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------- shared modules (issue 24, finding 3)
+
+def test_a_module_reused_in_one_parent_is_patched_at_every_position():
+    """Sequential(lin, act, lin): both positions run L-Mul (named_children skips the repeat), as
+    the same model with two separate copies of the layer does; unpatch puts the same object back."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    seq = nn.Sequential(lin, nn.ReLU(), lin)
+    copies = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    copies.load_state_dict({"0.weight": lin.weight, "0.bias": lin.bias, "2.weight": lin.weight, "2.bias": lin.bias})
+    x = torch.randn(5, 8)
+    ref = seq(x)
+    with torch.no_grad(), lmul.patch(copies, scope="linear", fmt="e4m3"):
+        expected = copies(x)
+    with torch.no_grad(), lmul.patch(seq, scope="linear", fmt="e4m3") as handle:
+        assert isinstance(seq[0], LMulLinear) and seq[2] is seq[0]
+        assert [fqn for fqn, _, _ in handle.swapped] == ["0", "2"]
+        rows = {fqn: (what, arm) for fqn, what, arm in lmul.inspect(seq).rows}
+        assert rows["0"] == rows["2"] == ("x·Wᵀ (L-matmul)", handle.config.tag)
+        out = seq(x)
+    assert not torch.equal(expected, ref)  # the copies' patch changes both layers
+    assert torch.equal(out, expected)
+    assert seq[0] is lin and seq[2] is lin
+    assert torch.equal(seq(x), ref)
+
+
+def test_a_module_shared_between_parents_is_patched_everywhere_or_refused():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    model = nn.Sequential(block, nn.Linear(4, 4), block)
+    with lmul.patch(model, scope="linear", fmt="e4m3") as handle:
+        assert model[0] is model[2] and isinstance(model[0][0], LMulLinear)
+        assert {fqn for fqn, _, _ in handle.swapped} == {"0.0", "1", "2.0"}
+        assert {fqn for fqn, *_ in lmul.inspect(model).rows} == {"0.0", "1", "2.0"}
+    assert type(model[0][0]) is nn.Linear and model[0] is block and model[2] is block
+    # selected under one name but not the other: one object cannot run two arms
+    with pytest.raises(ValueError, match=r"same module object.*select all of its names or none"):
+        lmul.patch(model, scope="linear", fmt="e4m3", filter_fn=lambda m, fqn: not fqn.startswith("2"))
+    assert type(block[0]) is nn.Linear and "_lmul_handle" not in model.__dict__
+
+
+def test_shared_attention_mlp_and_norm_modules_are_patched_under_every_name():
+    """Tied layers in a transformers model (layer 1 reuses layer 0's attention, MLP and norm): the
+    attention state and the swapped MLP/norm hold at both names, inspect lists both, unpatch
+    restores the one original object at each place."""
+    model = build("llama")
+    l0, l1 = model.model.layers
+    l1.self_attn, l1.mlp, l1.input_layernorm = l0.self_attn, l0.mlp, l0.input_layernorm
+    attn, mlp, norm = l0.self_attn, l0.mlp, l0.input_layernorm
+    ids, mask = inputs()
+
+    def logits(model, ids, mask):  # no KV cache: both layers would write cache slot 0
+        with torch.no_grad():
+            return model(ids, attention_mask=mask, use_cache=False).logits
+
+    ref = logits(model, ids, mask)
+    with lmul.patch(model, "lmul-all", fmt="e4m3") as handle:
+        assert l1.mlp is l0.mlp and type(l0.mlp).__name__ == "LMulGatedMLP"
+        assert l1.input_layernorm is l0.input_layernorm and type(l0.input_layernorm).__name__ == "LMulRMSNorm"
+        names = {fqn for fqn, _ in handle.attention}
+        assert {"model.layers.0.self_attn", "model.layers.1.self_attn"} <= names
+        rows = {(fqn, arm) for fqn, _, arm in lmul.inspect(model).rows}
+        for i in (0, 1):
+            assert (f"model.layers.{i}.self_attn", handle.config.tag) in rows
+            assert (f"model.layers.{i}.mlp", handle.config.tag) in rows
+            assert (f"model.layers.{i}.mlp.up_proj", handle.config.tag) in rows
+    assert (l0.self_attn, l1.self_attn, l0.mlp, l1.mlp) == (attn, attn, mlp, mlp)
+    assert l0.input_layernorm is norm and l1.input_layernorm is norm and type(mlp.up_proj) is nn.Linear
+    assert torch.equal(logits(model, ids, mask), ref)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"LlamaAttention at \['model.layers.1.self_attn'\] is the same module"):
+        lmul.patch(model, "lmul", layers=(1,))  # layer 0's attention is the same object
+    assert _snapshot(model) == before and torch.equal(logits(model, ids, mask), ref)
