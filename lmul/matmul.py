@@ -13,7 +13,9 @@ The op picks a backend from :data:`lmul.kernels.BACKENDS` and feeds it pieces of
   (``[M, K] @ [..., K, N]``), as torch does; other broadcast batches are gathered a chunk at a time
   (never materialised whole);
 * each backend call sees at most :data:`MATMUL_CHUNK` elements of each operand and of its result,
-  splitting rows, columns and, for float32 accumulation, ``k`` (partial sums added in float32).
+  splitting rows, columns and, for float32 accumulation, ``k`` (partial sums added in float32,
+  rows/columns that could overflow recomputed over the whole ``k``; the reference backend, the
+  oracle, is never split over ``k``: it keeps a float64 accumulator across its own ``k`` chunks).
 
 So the extra memory of a call is a constant (backend workspace for ``MATMUL_CHUNK``-sized pieces,
 ``docs/kernels.md``) plus at most one copy of the inputs and of the output.
@@ -79,8 +81,11 @@ def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpe
     n = b.shape[-1]
     if k == 0:
         return torch.zeros(bsz, m, n, dtype=torch.float32, device=a.device)
-    # k per piece when K alone is too long (64: the widest column padding of a backend)
-    kk = max(1, MATMUL_CHUNK >> 6) if spec.acc is None and k * min(n, 64) > MATMUL_CHUNK else k
+    # k per piece when K alone is too long (64: the widest column padding of a backend). Not for the
+    # reference: it is the oracle (float64 sums rounded once, inf/NaN from the whole sum) and bounds
+    # its own memory by chunking k into a float64 accumulator; float32 partials would change its result.
+    split_k = spec.acc is None and entry.name != "reference" and k * min(n, 64) > MATMUL_CHUNK
+    kk = max(1, MATMUL_CHUNK >> 6) if split_k else k
     rm = min(m, max(1, MATMUL_CHUNK // kk))
     cn = min(n, max(1, MATMUL_CHUNK // kk), max(1, MATMUL_CHUNK // rm))
     whole = (rm, cn, kk) == (m, n, k)
@@ -100,16 +105,16 @@ def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpe
                     continue
                 block = out[b0:b1, r0:r1, c0:c1]
                 block.zero_()
-                for k0 in range(0, k, kk):
+                for k0 in range(0, k, kk):  # float32 partials: the fp32 contract's order is unspecified
                     block += entry.fn(ap[..., k0:k0 + kk], bp[:, k0:k0 + kk], spec)
-                if entry.name != "reference":  # partial sums can overflow where the whole sum does
-                    rows, cols = overflow_risk(ap, bp)
-                    for bi in range(b1 - b0):
-                        r, c = rows[bi].nonzero().flatten(), cols[bi].nonzero().flatten()
-                        if r.numel():
-                            block[bi, r] = reference_matmul(ap[bi:bi + 1, r], bp[bi:bi + 1], spec)[0]
-                        if c.numel():
-                            block[bi, :, c] = reference_matmul(ap[bi:bi + 1], bp[bi:bi + 1, :, c], spec)[0]
+                # a partial sum can overflow where the whole sum does not: the reference (whole k) decides
+                rows, cols = overflow_risk(ap, bp)
+                for bi in range(b1 - b0):
+                    r, c = rows[bi].nonzero().flatten(), cols[bi].nonzero().flatten()
+                    if r.numel():
+                        block[bi, r] = reference_matmul(ap[bi:bi + 1, r], bp[bi:bi + 1], spec)[0]
+                    if c.numel():
+                        block[bi, :, c] = reference_matmul(ap[bi:bi + 1], bp[bi:bi + 1, :, c], spec)[0]
     return out
 
 

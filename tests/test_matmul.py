@@ -252,3 +252,47 @@ def test_overflowing_products_and_sums_follow_the_reference(backend, mode):
         assert torch.equal(torch.signbit(got[torch.isinf(want)]), torch.signbit(want[torch.isinf(want)]))
         fin = torch.isfinite(want)
         torch.testing.assert_close(got[fin], want[fin], rtol=40 * 2.0**-24, atol=1e-30)
+
+
+# -- the reference is the oracle for every K (issue 24, finding 5) ------------------------------
+
+def _float64_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 exact mode with products that are exact in float32 (b holds ±1 and 0): the contract's
+    sum of the products, in float64, rounded once."""
+    return (a.double() @ b.double()).float()
+
+
+def test_reference_sums_the_whole_k_when_the_dispatcher_splits_k():
+    """K > 65 536 with N >= 64 makes the dispatcher split K for the fast backends (the issue's
+    reproduction); the reference still gives the float64 sum rounded once: 0, not the NaN of
+    inf + -inf float32 partial sums."""
+    k = 65600
+    a = torch.zeros(1, k)
+    a[0, :2], a[0, 65540:65542] = 3e38, -3e38
+    b = torch.ones(k, 64)
+    want = _float64_sum(a, b)
+    assert want.eq(0).all()
+    assert torch.equal(matmul(a, b, "fp32", "exact", backend="reference"), want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "decompose"])
+@pytest.mark.parametrize("b_shape", [(1000,), (1000, 70)], ids=str)
+def test_k_split_gives_the_whole_sums_inf_and_nan(monkeypatch, backend, b_shape):
+    """The dispatcher's K split, made small (MATMUL_CHUNK = 256 splits K into pieces of 4, for a
+    vector and for N >= 64): partial sums that overflow or meet inf/NaN give what the whole float64
+    sum gives on every backend; the reference also rounds once (2^25 + 1 - 2^25 is 1, where float32
+    partial sums give 0, which the fp32 contract allows the fast backends)."""
+    monkeypatch.setattr(sys.modules["lmul.matmul"], "MATMUL_CHUNK", 256)
+    g = torch.Generator().manual_seed(15)
+    a = torch.zeros(5, 1000)
+    a[0, :2], a[0, 500:502] = 3e38, -3e38                      # 0 (inf - inf of the pieces)
+    a[1, 0], a[1, 1], a[1, 900] = 2.0**25, 1.0, -(2.0**25)     # 1
+    a[2, 3], a[2, 700] = float("inf"), float("-inf")           # NaN
+    a[3, 10], a[3, 20] = float("inf"), 3e38                    # inf
+    a[4] = torch.randint(-4, 5, (1000,), generator=g).float()  # small integers: exact in any order
+    b = torch.ones(b_shape)
+    want = _float64_sum(a, b)
+    assert want[0].eq(0).all() and want[1].eq(1).all() and want[2].isnan().all() and want[3].isinf().all()
+    got = matmul(a, b, "fp32", "exact", backend=backend)
+    rows = [0, 1, 2, 3, 4] if backend == "reference" else [0, 2, 3, 4]
+    assert torch.equal(got[rows].nan_to_num(7.0), want[rows].nan_to_num(7.0))
