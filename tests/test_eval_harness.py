@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lmul.eval import harness
 from lmul.eval.tasks import TASKS
 
@@ -29,3 +31,39 @@ def test_multiple_input_gold_comes_from_the_answer_field():
     s = [_sample(0, {"answer": "2"}, args, "had helped her.", 1.0, [-9.0, -4.0])]
     (rec,) = harness.item_records(TASKS["winogrande"], s)
     assert rec["context"] == "Ann thanked Bea because Bea" and rec["gold"] == " had helped her."
+
+
+def test_a_run_logs_one_bar_per_stage_and_no_known_warnings(tmp_path, capfd):
+    """Issue 25: `make run`'s log had 20 copies of lm-eval's warnings about HFLM(pretrained=<model
+    object>) (our documented call) and lm-eval's and datasets' progress bars nested in ours. Now a
+    run prints our two stage bars and nothing of theirs."""
+    pytest.importorskip("lm_eval")
+    from lmul.eval.run import EvalConfig, run
+    from tests._eval_fixtures import tiny_llama, tiny_tokenizer, write_fixtures
+
+    tok = tiny_tokenizer()
+    data = write_fixtures(tmp_path / "data")
+    cfg = EvalConfig(tasks=("arc_challenge",), arms=("exact", "lmul"), batch_size=4, max_length=128, limit=2)
+    capfd.readouterr()
+    run(cfg, tmp_path / "out", loaded=(tiny_llama(len(tok)), tok, "tiny"), data_root=data)
+    err = capfd.readouterr().err
+    assert "accuracy (arm, task)" in err and "divergence (items)" in err
+    for noise in ("model kwarg is not of type", "already-initialized model", "Running loglikelihood requests",
+                  "Tokenizing inputs", "Generating", "  items"):
+        assert noise not in err, noise
+
+
+def test_quiet_lm_eval_drops_only_the_known_warnings(caplog):
+    pytest.importorskip("lm_eval")
+    import logging
+
+    from lmul.eval.harness import quiet_lm_eval
+
+    log = logging.getLogger("lm_eval.models.huggingface")
+    with caplog.at_level(logging.WARNING), quiet_lm_eval():
+        log.warning("`pretrained` model kwarg is not of type `str`. Many other model arguments may be ignored.")
+        log.warning("something else went wrong")
+    log.warning("`pretrained` model kwarg is not of type `str` (outside: shown)")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "something else went wrong" in msgs
+    assert sum("not of type" in m for m in msgs) == 1 and "outside" in msgs[-1]

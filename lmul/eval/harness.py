@@ -8,8 +8,10 @@ the items across processes and gathers the per-item logs on rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -42,15 +44,65 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+# lm-eval's warnings about the documented way we call it (HFLM(pretrained=<model object>)), once per
+# (arm, task) unit: 20 copies in `make run`'s log
+KNOWN_LM_EVAL_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+class _DropKnown(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(KNOWN_LM_EVAL_WARNINGS)
+
+
+_DROP_KNOWN = _DropKnown()
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """Within: lm-eval's known warnings about our model-object call are dropped (a filter on the
+    logger that emits them, so every other lm-eval message still shows), its per-document progress
+    bar is off (our ``accuracy (arm, task)`` bar covers the stage; the request bars are off in
+    :func:`make_lm`'s class), and so are ``datasets``' ("Generating validation split")."""
+    from unittest import mock
+
+    import datasets
+    from lm_eval.api import task as lm_task
+
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    hf_logger.addFilter(_DROP_KNOWN)
+    bars_were_off = datasets.is_progress_bar_enabled() is False
+    datasets.disable_progress_bars()
+    try:
+        with mock.patch.object(lm_task, "tqdm", lambda it, *a, **k: it):
+            yield
+    finally:
+        hf_logger.removeFilter(_DROP_KNOWN)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
 def make_lm(model, tok, batch_size: int, max_length: int):
     from lm_eval.models.huggingface import HFLM
 
     class DistributedHFLM(HFLM):
-        """HFLM around a model object that takes rank / world size from torch.distributed."""
+        """HFLM around a model object that takes rank / world size from torch.distributed; its
+        request progress bars are off (ours covers the stage)."""
 
         def __init__(self, **kw):
             super().__init__(**kw)
             self._rank, self._world_size = dist_info()
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
 
         def all_gather(self, tensor):
             if self.world_size <= 1:
@@ -63,7 +115,8 @@ def make_lm(model, tok, batch_size: int, max_length: int):
             if self.world_size > 1:
                 torch.distributed.barrier()
 
-    return DistributedHFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length)
+    with quiet_lm_eval():
+        return DistributedHFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length)
 
 
 def _gold(task: TaskSpec, sample: dict) -> tuple[str, str]:
@@ -111,7 +164,7 @@ def evaluate(lm, task: TaskSpec, task_manager, limit: int | None, seed: int) -> 
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     # lm-eval's add_env_info runs `pip list` & co. (seconds per call); run.versions() records ours once
-    with mock.patch.object(evaluator, "add_env_info", lambda results: None):
+    with mock.patch.object(evaluator, "add_env_info", lambda results: None), quiet_lm_eval():
         res = simple_evaluate(
             model=lm, tasks=[task.lm_eval_name], task_manager=task_manager, limit=limit, log_samples=True,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

@@ -201,7 +201,8 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
             assemble(out)
         return out / "results.json"
     t0 = time.time()
-    model, tok, desc = loaded or models.load(cfg.model, cfg.device, allow_fetch=allow_fetch)
+    with _one_loading_bar():
+        model, tok, desc = loaded or models.load(cfg.model, cfg.device, allow_fetch=allow_fetch)
     load_s = time.time() - t0
     done_new = 0
     from lm_eval.tasks import TaskManager
@@ -211,9 +212,11 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
                     per_subgroup=cfg.per_subject)
         tm = TaskManager(include_path=str(tdir), include_defaults=False)
         todo = [u for u in units if not store.part_path(out, "acc", *u).exists()]
-        for arm, tname in tqdm(todo, desc="accuracy (arm, task)", disable=rank != 0):
+        bar = tqdm(todo, desc="accuracy (arm, task)", disable=rank != 0)
+        for arm, tname in bar:
             if stop_after is not None and done_new >= stop_after:
                 return out / "results.json"
+            bar.set_postfix_str(f"{arm}, {tname}")
             t1 = time.time()
             with arm_context(model, arm):
                 lm = harness.make_lm(model, tok, cfg.batch_size, cfg.max_length)
@@ -225,7 +228,9 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
             done_new += 1
         harness.barrier()  # rank 0 has written every accuracy part before anyone reads them
         if cfg.divergence and cfg.n_div != 0:
-            for tname in tqdm(cfg.tasks, desc="divergence (task)", disable=rank != 0):
+            # one bar over the items of every task (its total grows as each task's items are known)
+            bar = tqdm(total=0, desc="divergence (items)", unit="item", disable=rank != 0)
+            for tname in cfg.tasks:
                 arms = [a for a in cfg.arms if not store.part_path(out, "div", a, tname).exists()]
                 if not arms:
                     continue
@@ -235,8 +240,9 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
                 if cfg.div_beyond_limit:  # more items than the accuracy pass took: their gold from the data
                     exact_items = divergence_items(TASKS[tname], tm, exact_items, cfg.n_div)
                 progress = out / "parts" / "progress" / f"div__{tname}__rank{rank}_of_{world}.json"
+                bar.set_postfix_str(tname)
                 recs, secs = divergence_pass(model, tok, arms, exact_items[:cfg.n_div], cfg.max_length, rank, world,
-                                             progress)
+                                             progress, bar)
                 if rank == 0:
                     for a in arms:
                         store.write_json(store.part_path(out, "div", a, tname), {
@@ -244,6 +250,7 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
                 harness.barrier()  # every part is written before any rank drops its progress file
                 progress.unlink(missing_ok=True)
                 done_new += len(arms)
+            bar.close()
     if rank == 0:
         meta = store.read_json(out / "config.json")
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -255,6 +262,21 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
         from lmul.eval.results import assemble
         assemble(out)
     return out / "results.json"
+
+
+@contextlib.contextmanager
+def _one_loading_bar():
+    """Model loading shows one progress bar: transformers' "Loading weights" bar is off inside (a
+    GGUF model keeps its "Converting and de-quantizing GGUF tensors" bar, the slow part)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def divergence_items(task, task_manager, scored: list[dict], n: int | None) -> list[dict]:
@@ -280,7 +302,7 @@ def divergence_items(task, task_manager, scored: list[dict], n: int | None) -> l
 
 
 def divergence_pass(model, tok, arms: list[str], items: list[dict], max_length: int, rank: int = 0,
-                    world: int = 1, progress: Path | None = None,
+                    world: int = 1, progress: Path | None = None, bar=None,
                     ) -> tuple[dict[str, list[dict]] | None, dict[str, float]]:
     """Per-item KL / top-1 / gold ll of each arm against the unpatched model on the gold sequences.
 
@@ -292,7 +314,8 @@ def divergence_pass(model, tok, arms: list[str], items: list[dict], max_length: 
     rank 0, None elsewhere; {arm: seconds spent on it}).
 
     ``progress`` (a file per rank): the records so far are written there about once a minute and
-    picked up by a rerun with the same arms, so an interrupted pass resumes item by item."""
+    picked up by a rerun with the same arms, so an interrupted pass resumes item by item. ``bar``:
+    a tqdm whose total grows by this rank's items and which advances one per item (None: silent)."""
     mine = [it for i, it in enumerate(items) if i % world == rank]
     recs: dict[str, list[dict]] = {a: [] for a in arms}
     secs = dict.fromkeys(arms, 0.0)
@@ -307,8 +330,13 @@ def divergence_pass(model, tok, arms: list[str], items: list[dict], max_length: 
     prefix = divergence.common_prefix([ids[:start - 1] for ids, start in encoded]) if len(mine) > 1 else []
     cached = len(prefix) >= MIN_SHARED_PREFIX
     ref, by_arm = None, {}  # PrefixLogProbs of the exact model / (PrefixLogProbs, head) of each arm
-    for it, (ids, start) in zip(tqdm(mine, desc="  items", leave=False, disable=rank != 0), encoded, strict=True):
+    if bar is not None:
+        bar.total += len(mine)
+        bar.refresh()
+    for it, (ids, start) in zip(mine, encoded, strict=True):
         if it["doc_id"] in done:
+            if bar is not None:
+                bar.update(1)
             continue
         n_bytes = len(it["gold"].encode("utf-8"))
         t = time.time()
@@ -339,6 +367,8 @@ def divergence_pass(model, tok, arms: list[str], items: list[dict], max_length: 
             secs[a] += time.time() - t + (t_ref if a == "exact" else 0.0)
             recs[a].append({"doc_id": it["doc_id"], "kl": s.kl, "top1": s.top1, "ll": s.ll, "bpb": s.bpb,
                             "n_cont_tokens": s.n_cont_tokens, "n_bytes": n_bytes, "n_positions": s.n_positions})
+        if bar is not None:
+            bar.update(1)
         if progress is not None and time.time() - saved_at > PROGRESS_SECONDS:
             store.write_json(progress, {"arms": list(arms), "recs": recs, "secs": secs})
             saved_at = time.time()
