@@ -95,10 +95,145 @@ def test_paper_rows_and_difference_of_differences():
     # ours (acc) vs the paper's arm - BFloat16 row; e5m2 on PIQA: ours +25 [CI], Mistral -0.98, Llama -2.93
     row = next(line for line in text.splitlines() if line.startswith("| e5m2 | ") and "·" in line)
     assert "L -0.98" not in row and "M -0.98" in row and "L -2.93" in row
-    # PIQA: ours +25 with a bootstrap CI of [0, +75] points: the paper's -0.98 / -2.93 lie outside (†);
-    # CSQA: ours -50 [-100, 0] holds the paper's -0.17 / -1.23 (no †)
-    piqa, csqa = row.split(" | ")[2], row.split(" | ")[1]
-    assert piqa.count("†") == 2 and "†" not in csqa
+    # PIQA: ours +25 [0, +75] on one changed answer of 4, CSQA -50 on one of 2: neither can place the
+    # paper's differences outside anything (issue 25: a † there claimed a disagreement the data cannot show)
+    piqa, csqa = row.rstrip(" |").split(" | ")[2], row.split(" | ")[1]
+    assert "†" not in piqa + csqa
+    assert piqa.endswith("*(too few items to resolve)*") and csqa.endswith("*(too few items to resolve)*")
+
+
+def _many_items(flips: int, n: int = 40):
+    """PIQA only, n items, exact right on the first half; e5m2 additionally right on ``flips`` of the
+    others (b = 0, c = flips)."""
+    from lmul.eval.results import paired_vs_exact
+
+    exact = [1] * (n // 2) + [0] * (n - n // 2)
+    arm = [1] * (n // 2) + [1] * flips + [0] * (n - n // 2 - flips)
+    tasks = {"piqa": {a: {"n": n, "acc": sum(v) / n, "se": 0.1, "seconds": 1.0,
+                          "items": [{"doc_id": i, "acc": float(x), "lls": [0.0, 0.0]} for i, x in enumerate(v)]}
+                      for a, v in (("exact", exact), ("e5m2", arm))}}
+    return {"config": {"arms": ["exact", "e5m2"], "model": "m", "limit": None, "div_limit": None, "seed": 0,
+                       "tasks": ["piqa"], "device": "cpu"},
+            "seed": 0, "tasks": tasks, "paired_vs_exact": paired_vs_exact(tasks, 0), "divergence": {}}
+
+
+def test_dagger_only_where_the_comparison_can_resolve():
+    """† (a paper difference outside our 95% CI) needs a CI with width and >= 6 changed answers
+    (McNemar's smallest p on b + c items is 2·2^-(b+c), < 0.05 only from 6 on); with fewer the cell
+    says *too few items to resolve*. 8 items gained of 40: ours +20 [+7.5, +32.5] or so, and the
+    paper's -0.98 / -2.93 are outside; 5 items gained: no verdict either way."""
+    def cell(flips):
+        text = report.render(_many_items(flips))
+        row = next(line for line in text.splitlines() if line.startswith("| e5m2 | ") and "·" in line)
+        return row.rstrip(" |").split(" | ")[1]
+
+    resolved = cell(8)
+    assert resolved.count("†") == 2 and "too few" not in resolved, resolved
+    assert resolved.startswith("+20.0 [+")
+    unresolved = cell(5)
+    assert "†" not in unresolved and unresolved.endswith("*(too few items to resolve)*"), unresolved
+
+
+def test_paper_note_and_legend_name_only_what_the_report_shows():
+    """A common-sense-only report names Table 2 and the two models of Table 2, not Tables 3 / 5 or
+    Gemma2 (issue 25); a GSM8K report names Table 3 and Gemma2."""
+    text = report.render(_table2_results(with_norm=False))
+    note = next(line for line in text.splitlines() if line.startswith("Paper rows:"))
+    assert "(Table 2:" in note and "Table 3" not in note and "Table 5" not in note and "Gemma" not in note
+    legend = next(line for line in text.splitlines() if line.startswith("Ours against the paper"))
+    assert "M: Mistral-7b-Instruct-v0.3, L: Llama-3.1-8B-Instruct)" in legend and "G:" not in legend
+    res = _table2_results(with_norm=False)
+    res["tasks"] = {"gsm8k": res["tasks"]["commonsense_qa"]}
+    res["paired_vs_exact"] = {"gsm8k": res["paired_vs_exact"]["commonsense_qa"]}
+    text = report.render(res)
+    assert "(Table 3: Mistral-7b-Instruct-v0.3, Llama-3.1-8B-Instruct, Gemma2-2b-It;" in text
+    assert "G: Gemma2-2b-It" in text and "Table 2" not in text.split("### GSM8K")[0]
+    assert "Paper rows" not in report.render(_many_items(8) | {"tasks": {"winogrande": _many_items(8)["tasks"]["piqa"]},
+                                                               "paired_vs_exact": {}})
+
+
+def test_summary_says_what_ran_what_it_found_and_how_sure():
+    res = _many_items(8)
+    res["config"]["limit"] = 40
+    text = report.render(res)
+    assert text.index("### Summary") < text.index("### Run") < text.index("### Common-sense")
+    summary = text.split("### Summary")[1].split("### Run")[0]
+    assert "on 1 task (PIQA), 40 items (the first 40 of each task), under 2 arithmetic arms" in summary
+    assert "`e5m2` +20.0 points [+" in summary and "a resolvable gain" in summary
+    assert "With 40 items per task the pooled accuracy CIs are ±" in summary
+    few = report.render(_many_items(2)).split("### Run")[0]
+    assert "too few items to resolve (2 of 40 answers changed)" in few
+
+
+def test_summary_orders_arms_by_kl_only_where_intervals_separate():
+    res = _table5_results()
+    text = report.render(res).split("### Run")[0]
+    # KL 0.02, 0.03, ... with se 0.001: every neighbour is 95% apart
+    assert "`e4m3` 0.02 < `e5m2` 0.03 < `lmul-k4` 0.04 < `lmul-k3` 0.05 < `lmul-k2` 0.06" in text
+    res["divergence"]["mmlu"]["e5m2"]["kl_se"] = 0.01
+    assert "`e4m3` 0.02 ≈ `e5m2` 0.03 ≈ `lmul-k4` 0.04 < `lmul-k3`" in report.render(res)
+
+
+def _bars(results):
+    """The bars and error bars accuracy.png draws, read back from the figure before it is closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    close = plt.close
+
+    def keep(fig=None):
+        figs.append(fig)
+        close(fig)
+
+    plt.close = keep
+    try:
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as d:
+            report.plots(results, Path(d))
+    finally:
+        plt.close = close
+    ax = figs[0].axes[0]
+    heights = [r.get_height() for r in ax.patches]
+    segs = [seg for coll in ax.collections if hasattr(coll, "get_segments") for seg in coll.get_segments()
+            if len(seg) == 2 and seg[0][0] == seg[1][0]]  # vertical error-bar segments
+    return ax, heights, segs
+
+
+def _wilson_by_search(k, n, z=1.959963984540054):
+    """Independent oracle: the p in [0, 1] (grid of 10^-6) where the score test does not reject."""
+    import numpy as np
+
+    p = np.linspace(0, 1, 1_000_001)
+    ok = np.abs(k / n - p) <= z * np.sqrt(p * (1 - p) / n)
+    return float(p[ok].min()), float(p[ok].max())
+
+
+def test_accuracy_plot_draws_the_headline_metric_with_wilson_intervals():
+    """OBQA-like: acc_norm 8/30 = 26.7% while acc is 3/30 = 10.0%; the table leads with acc_norm, so
+    the bar must be 26.7, the axis must say which metric, and the interval must be Wilson's, inside
+    [0, 100] (issue 25: the plot drew acc with ±1.96 se reaching below 0)."""
+    n = 30
+    items = [{"doc_id": i, "acc": float(i < 3), "acc_norm": float(i < 8), "lls": [0.0] * 4} for i in range(n)]
+    zero = [{"doc_id": i, "acc": 0.0, "acc_norm": 0.0, "lls": [0.0] * 4} for i in range(n)]
+    tasks = {"openbookqa": {"exact": {"n": n, "acc": 0.1, "se": 0.0557, "acc_norm": 8 / 30, "acc_norm_se": 0.08,
+                                      "seconds": 1.0, "items": items},
+                            "lmul": {"n": n, "acc": 0.0, "se": 0.0, "acc_norm": 0.0, "acc_norm_se": 0.0,
+                                     "seconds": 1.0, "items": zero}}}
+    res = {"config": {"arms": ["exact", "lmul"], "model": "m", "limit": 30, "div_limit": None, "seed": 0,
+                      "tasks": ["openbookqa"], "device": "cpu"}, "seed": 0, "tasks": tasks, "divergence": {}}
+    ax, heights, segs = _bars(res)
+    assert heights == pytest.approx([100 * 8 / 30, 0.0])
+    assert "acc_norm" in ax.get_ylabel() + " ".join(t.get_text() for t in ax.get_xticklabels())
+    assert "Wilson" in ax.get_ylabel()
+    spans = sorted((min(s[0][1], s[1][1]), max(s[0][1], s[1][1])) for s in segs)
+    want = sorted(tuple(100 * v for v in _wilson_by_search(k, n)) for k in (8, 0))
+    assert spans == [pytest.approx(w, abs=1e-3) for w in want]
+    assert all(lo >= 0 and hi <= 100 for lo, hi in spans)
 
 
 def test_paper_rows_render_for_tasks_the_paper_lacks():
@@ -137,10 +272,11 @@ def test_mmlu_in_the_layout_of_table5():
     assert lines[i + 4] == "| *paper: Llama-3.1-8B-Instruct* | 68.86 | 68.16 | 66.61 | 68.43 | 68.12 | 66.67 |"
     ours = lines[i + 5]
     assert ours.startswith("| ours: arm − exact [95% CI] | | +0.0 [+0.0, +0.0] | ")
-    # paper differences against BF16; † where outside our CI: every arm but k=2 (no change: CI [0, 0]);
-    # k=2 swaps all four answers, so its bootstrap CI is wide and holds -1.12 / -2.19
-    assert lines[i + 6] == "| *paper: Mistral arm − BF16* | | -0.02† | -0.45† | -0.04† | -0.14† | -1.12 |"
-    assert lines[i + 7] == "| *paper: Llama arm − BF16* | | -0.70† | -2.25† | -0.43† | -0.74† | -2.19 |"
+    # paper differences against BF16, never † here: four arms change no answer (CI [0, 0]) and k=2 swaps
+    # only 4 (b + c < 6), so no comparison can place the paper's difference outside anything
+    u = " *(too few items to resolve)*"
+    assert lines[i + 6] == f"| *paper: Mistral arm − BF16* | | -0.02{u} | -0.45{u} | -0.04{u} | -0.14{u} | -1.12{u} |"
+    assert lines[i + 7] == f"| *paper: Llama arm − BF16* | | -0.70{u} | -2.25{u} | -0.43{u} | -0.74{u} | -2.19{u} |"
     assert lines[i + 8].startswith("| ours: KL(exact ‖ arm), nats | | 0.02 ± 0.001 | 0.03 ± 0.001 | ")
     assert lines[i + 9].startswith("| ours: top-1 agreement | | 90.0 ± 1.0 |")
     res = _table5_results()  # no L-Mul k arm and no fp8 arm: no Table 5 layout

@@ -76,3 +76,22 @@ def test_paired_non_binary_has_no_mcnemar():
 def test_paired_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="equal 1-D"):
         stats.paired_bootstrap([1, 0], [1, 0, 1])
+
+
+def test_wilson_interval_is_where_the_score_test_does_not_reject():
+    """Oracle: a grid search over p for |k/n - p| <= z·sqrt(p(1-p)/n); and a published value
+    (0 of 30: [0, 11.35%], the "rule of three" neighbourhood). Always inside [0, 1], asymmetric."""
+    import numpy as np
+
+    from lmul.eval.stats import wilson
+
+    z = 1.959963984540054
+    p = np.linspace(0, 1, 1_000_001)
+    for k, n in ((0, 30), (8, 30), (30, 30), (1, 4), (57, 100)):
+        ok = np.abs(k / n - p) <= z * np.sqrt(p * (1 - p) / n)
+        lo, hi = wilson(k, n)
+        assert lo == pytest.approx(p[ok].min(), abs=2e-6) and hi == pytest.approx(p[ok].max(), abs=2e-6)
+        assert 0 <= lo <= k / n <= hi <= 1
+    assert wilson(0, 30)[1] == pytest.approx(0.1135, abs=1e-4)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        wilson(5, 4)

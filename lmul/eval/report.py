@@ -18,11 +18,33 @@ from lmul.eval.paper import MODELS, PAPER, paper_delta
 from lmul.eval.results import BOOT_ITERS, assemble, headline, paired_vs_exact
 from lmul.eval.tasks import TASKS
 
-PAPER_NOTE = ("Paper rows: the published accuracies of arXiv:2410.00907 v2 (Tables 2, 3 and 5: Mistral-7B-Instruct-"
-              "v0.3 and Llama-3.1-8B-Instruct, GSM8K also Gemma2-2b-It; `lmul.eval.paper`, checked against the "
-              "project's transcription of the PDF). Those models are not this one, so compare *differences*: the "
-              "paper's arm minus its own BFloat16 row beside ours against `exact`; † marks a paper difference "
-              "outside our 95% CI.")
+UNRESOLVED = "too few items to resolve"
+
+
+def paper_note(tables: set[str]) -> str:
+    """The preamble on paper rows, naming only the paper tables (``"table2"``, ...) this report shows."""
+    if not tables:
+        return ""
+    names = sorted(t.removeprefix("table") for t in tables)
+    models = sorted({m for (t, m, a, task) in PAPER if t in tables}, key=list(MODELS).index)
+    which = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return (f"Paper rows: the published accuracies of arXiv:2410.00907 v2 (Table{'s' * (len(names) > 1)} {which}: "
+            + ", ".join(MODELS[m] for m in models) + "; `lmul.eval.paper`, checked against the project's "
+            "transcription of the PDF). Those models are not this one, so compare *differences*: the paper's arm "
+            "minus its own BFloat16 row beside ours against `exact`; † marks a paper difference outside our 95% CI, "
+            f"*{UNRESOLVED}* a comparison where our CI has no width or fewer than {stats.MIN_DISCORDANT} items "
+            "changed their answer (no test at 5% can resolve anything there).")
+
+
+def _paper_mark(d: float, p: dict | None) -> str:
+    """'†' when the paper's difference ``d`` (points) lies outside our resolvable 95% CI, else ''."""
+    if p is None or not _resolvable(p):
+        return ""
+    return "" if 100 * p["lo"] <= d <= 100 * p["hi"] else "†"
+
+
+def _resolvable(p: dict) -> bool:
+    return stats.resolvable(stats.Paired(p["diff"], p["lo"], p["hi"], p["n"], p["b"], p["c"], p["p_mcnemar"]))
 
 COMMONSENSE = ("arc_challenge", "commonsense_qa", "openbookqa", "piqa", "social_iqa")
 TABLE2_TASKS = ("mmlu",) + COMMONSENSE  # the paper's Table 2 (its BBH column we do not run); Avg: COMMONSENSE
@@ -80,8 +102,11 @@ def _paper_delta_rows(results: dict, tasks: tuple[str, ...]) -> list[str]:
             and any(paper_delta(_paper_table(t), m, a, t) is not None for t in tasks for m in MODELS)]
     if not arms:
         return []
+    shown = [m for m in MODELS if any(paper_delta(_paper_table(t), m, a, t) is not None for t in tasks for a in arms)]
+    legend = ", ".join(f"{m[0].upper()}: {MODELS[m]}" for m in shown)
     lines = ["", "Ours against the paper, in points (acc): our arm − `exact` [95% CI] · the paper's arm − its "
-             "BFloat16 row per model (M: Mistral-7B, L: Llama-3.1-8B, G: Gemma2-2B); † = outside our CI.", "",
+             f"BFloat16 row per model ({legend}); † = outside our CI; *{UNRESOLVED}*: our CI has no width or fewer "
+             f"than {stats.MIN_DISCORDANT} items changed, so it can neither agree nor disagree.", "",
              "| arm | " + " | ".join(_col(t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
     for arm in arms:
         cells = []
@@ -93,9 +118,9 @@ def _paper_delta_rows(results: dict, tasks: tuple[str, ...]) -> list[str]:
                 d = paper_delta(_paper_table(t), m, arm, t)
                 if d is None:
                     continue
-                out = p is not None and not (100 * p["lo"] <= d <= 100 * p["hi"])
-                theirs.append(f"{m[0].upper()} {d:+.2f}{'†' if out else ''}")
-            cells.append(ours + (" · " + ", ".join(theirs) if theirs else ""))
+                theirs.append(f"{m[0].upper()} {d:+.2f}{_paper_mark(d, p)}")
+            unresolved = f" *({UNRESOLVED})*" if theirs and p is not None and not _resolvable(p) else ""
+            cells.append(ours + (" · " + ", ".join(theirs) if theirs else "") + unresolved)
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 
@@ -258,7 +283,8 @@ def _table5_mmlu(results: dict) -> list[str]:
     lines = ["### MMLU with k-bit operands (layout of the paper's Table 5)", "",
              f"Accuracy in % (5-shot, {n} items; ± standard error). The paper's Table 5 prints no BFloat16 column: "
              "its BFloat16 MMLU is Table 2's, shown under *exact*. Differences in points: ours arm − `exact` with the "
-             "95% paired bootstrap CI, the paper's arm − its BFloat16; † = a paper difference outside our CI. "
+             "95% paired bootstrap CI, the paper's arm − its BFloat16; † = a paper difference outside our CI "
+             f"(*{UNRESOLVED}*: our CI has no width or fewer than {stats.MIN_DISCORDANT} items changed). "
              "KL and top-1: our divergence pass on MMLU's gold sequences (prompt + correct letter).", "",
              "| model | exact (paper: BF16) | " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * (len(cols) + 2),
              f"| ours: {name} | {_pct(per['exact']['acc'], per['exact']['se'])} | "
@@ -275,8 +301,8 @@ def _table5_mmlu(results: dict) -> list[str]:
         cells = []
         for a, _ in cols:
             d, p = paper_delta("table5", m, a, "mmlu"), paired.get(a)
-            out = d is not None and p is not None and not (100 * p["lo"] <= d <= 100 * p["hi"])
-            cells.append("–" if d is None else f"{d:+.2f}{'†' if out else ''}")
+            cells.append("–" if d is None else f"{d:+.2f}{_paper_mark(d, p)}"
+                         + (f" *({UNRESOLVED})*" if p is not None and not _resolvable(p) else ""))
         lines.append(f"| *paper: {MODELS[m].split('-')[0]} arm − BF16* | | " + " | ".join(cells) + " |")
     if div:
         lines.append("| ours: KL(exact ‖ arm), nats | | " + " | ".join(
@@ -376,9 +402,27 @@ def _div_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def accuracy_bars(results: dict, task: str, arm: str) -> tuple[str, float, float, float] | None:
+    """What accuracy.png draws for one bar: (metric, value, lo, hi) in %, where metric is the one the
+    tables lead with (:func:`lmul.eval.results.headline`: ``acc_norm`` where lm-eval defines it, else
+    ``acc``), value its mean over items and [lo, hi] the 95% Wilson interval of the k correct of n
+    items (:func:`lmul.eval.stats.wilson`; inside [0, 100], unlike value ± 1.96 se). None when the
+    arm did not run the task or its items are not scored 0/1."""
+    entry = results["tasks"][task].get(arm)
+    if not entry:
+        return None
+    metric = headline(results["tasks"][task])
+    scores = [it[metric] for it in entry["items"]]
+    if not scores or any(v not in (0, 1) for v in scores):
+        return None
+    lo, hi = stats.wilson(int(sum(scores)), len(scores))
+    return metric, 100 * float(np.mean(scores)), 100 * lo, 100 * hi
+
+
 def plots(results: dict, out: Path) -> list[Path]:
-    """accuracy.png (accuracy per arm and task, ±1.96 se, chance level dashed) and kl.png (mean KL per
-    arm and task, ±1.96 se); an arm has the same colour in both."""
+    """accuracy.png (per arm and task the tables' headline metric with its 95% Wilson interval,
+    chance level dashed; :func:`accuracy_bars`) and kl.png (mean KL per arm and task, ±1.96 se);
+    an arm has the same colour in both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,17 +437,19 @@ def plots(results: dict, out: Path) -> list[Path]:
         w = 0.8 / len(arms)
         for i, a in enumerate(arms):
             x = np.arange(len(tasks)) + (i - (len(arms) - 1) / 2) * w
-            y = [100 * results["tasks"][t][a]["acc"] if a in results["tasks"][t] else np.nan for t in tasks]
-            e = [196 * results["tasks"][t][a]["se"] if a in results["tasks"][t] else np.nan for t in tasks]
-            ax.bar(x, y, w, yerr=np.nan_to_num(e), capsize=2, label=a, color=color[a])
+            bars = [accuracy_bars(results, t, a) for t in tasks]
+            y = [b[1] if b else np.nan for b in bars]
+            e = np.array([[b[1] - b[2], b[3] - b[1]] if b else [0.0, 0.0] for b in bars]).T  # asymmetric
+            ax.bar(x, y, w, yerr=e, capsize=2, label=a, color=color[a])
         for j, t in enumerate(tasks):  # chance level: mean over items of 1 / number of choices
             items = next(iter(results["tasks"][t].values()))["items"]
             if items and all("lls" in it for it in items):
                 chance = 100 * float(np.mean([1 / len(it["lls"]) for it in items]))
                 ax.hlines(chance, j - 0.45, j + 0.45, colors="k", linestyles="dashed", linewidth=1,
                           label="chance" if j == 0 else None)
-        ax.set_xticks(np.arange(len(tasks)), [_col(t) for t in tasks])
-        ax.set_ylabel("accuracy (%), 95% CI")
+        ax.set_xticks(np.arange(len(tasks)), [f"{_col(t)}\n({headline(results['tasks'][t])})" for t in tasks])
+        ax.set_ylabel("accuracy (%): acc_norm or acc as labelled,\n95% Wilson interval", fontsize=9)
+        ax.set_ylim(0, 100)
         ax.set_title(results.get("model_desc", results["config"]["model"]).split(" (")[0], fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -444,12 +490,96 @@ def _sessions(results: dict) -> str:
     return f"; wall time {total / 60:.1f} min{each}"
 
 
+def _kl_mean(results: dict, arm: str) -> tuple[float, float] | None:
+    """Mean over the divergence tasks of the per-task mean KL(exact ‖ arm), and its standard error
+    (the tasks' standard errors combined: sqrt(Σ se²) / T); None unless every task has the arm."""
+    div = results.get("divergence") or {}
+    rows = [d[arm] for d in div.values() if arm in d]
+    if not div or len(rows) != len(div):
+        return None
+    return float(np.mean([r["kl"] for r in rows])), math.sqrt(sum(r["kl_se"] ** 2 for r in rows)) / len(rows)
+
+
+def summary(results: dict) -> list[str]:
+    """A plain-language opening: what was run, what it found, how sure that is.
+
+    Accuracy: each arm against ``exact`` on all items pooled (:func:`pooled_paired`, ``acc``), read
+    as a loss or gain only when the 95% paired bootstrap CI excludes 0 and the comparison is
+    :func:`lmul.eval.stats.resolvable`. Divergence: arms ranked by mean KL(exact ‖ arm) over the
+    divergence tasks; two neighbours count as ordered when their 95% intervals (± 1.96 se) do not
+    overlap."""
+    c = results["config"]
+    tasks = tuple(results["tasks"])
+    arms = _arms(results)
+    others = [a for a in arms if a != "exact"]
+    n_items = sum(next(iter(results["tasks"][t].values()))["n"] for t in tasks)
+    per = sorted({next(iter(results["tasks"][t].values()))["n"] for t in tasks})
+    which = [f"the first {c['limit']} of each task" if c.get("limit") else "every item"]
+    which += [f"MMLU: the first {c['per_subject']} of every subject"] if c.get("per_subject") else []
+    items = f"{n_items} items ({'; '.join(which)})"
+    name = results.get("model_desc", c["model"]).split(" (")[0]
+    lines = ["### Summary", "",
+             f"**What was run.** {name} on {len(tasks)} task{'s' * (len(tasks) > 1)} "
+             f"({', '.join(_col(t) for t in tasks)}), {items}, under {len(arms)} arithmetic arm"
+             f"{'s' * (len(arms) > 1)}: `exact` (the unpatched model, the reference)"
+             + (", " + ", ".join(f"`{a}`" for a in others) + " (each with `lmul.patch`'s preset of that name)"
+                if others else "") + "."]
+    if not others or "exact" not in arms:
+        return lines + [""]
+    found, widths, compared = [], [], 0
+    for a in others:
+        pp = pooled_paired(results, tasks, a)
+        if pp is None:
+            continue
+        compared += 1
+        if stats.resolvable(pp):
+            widths.append(100 * (pp.hi - pp.lo) / 2)
+        ci = f"{100 * pp.diff:+.1f} points [{100 * pp.lo:+.1f}, {100 * pp.hi:+.1f}]"
+        if not stats.resolvable(pp):
+            verdict = f"{UNRESOLVED} ({pp.b + pp.c} of {pp.n} answers changed)"
+        elif pp.lo <= 0 <= pp.hi:
+            verdict = "no difference resolvable"
+        else:
+            verdict = "a resolvable " + ("loss" if pp.diff < 0 else "gain")
+        found.append(f"`{a}` {ci}: {verdict}")
+    finding = ("**Main finding.** Accuracy (`acc`, all items pooled) against `exact`, with 95% paired bootstrap "
+               "CIs: " + "; ".join(found) + "." if found else "**Main finding.**")
+    kls = {a: k for a in others if (k := _kl_mean(results, a)) is not None}
+    if kls:
+        order = sorted(kls, key=lambda a: kls[a][0])
+        chain = ""
+        for i, a in enumerate(order):
+            if i:
+                (m0, s0), (m1, s1) = kls[order[i - 1]], kls[a]
+                chain += " < " if m0 + 1.96 * s0 < m1 - 1.96 * s1 else " ≈ "
+            chain += f"`{a}` {kls[a][0]:.3g}"
+        finding += (f" Closeness to the exact model's next-token distributions (mean KL(exact ‖ arm) over "
+                    f"{len(results['divergence'])} divergence task{'s' * (len(results['divergence']) > 1)}, nats, "
+                    f"lower is closer): {chain}" + (" (< : 95% intervals apart, ≈ : overlapping)." if len(order) > 1
+                                                    else "."))
+    lines += ["", finding]
+    if compared:
+        sure = f"**How sure.** With {'/'.join(map(str, per))} items per task "
+        if widths:
+            sure += (f"the pooled accuracy CIs are ±{min(widths):.1f}"
+                     + (f" to ±{max(widths):.1f}" if max(widths) - min(widths) >= 0.05 else "")
+                     + " points wide: accuracy differences smaller than that (the paper's are mostly below 1 point) "
+                     "cannot be seen in this run. ")
+        else:
+            sure += (f"fewer than {stats.MIN_DISCORDANT} answers changed under every arm: too few to resolve an "
+                     "accuracy difference of any size (more items, `--limit`, would). ")
+        sure += ("The KL ranking is a finer measure: it compares every position's distribution, not only the "
+                 "chosen answer." if kls else "")
+        lines += ["", sure.rstrip()]
+    return lines + [""]
+
+
 def render(results: dict) -> str:
     c = results["config"]
     v = results.get("versions", {})
     wall = sum(e["seconds"] for t in results["tasks"].values() for e in t.values()) + sum(
         d["seconds"] for t in results.get("divergence", {}).values() for d in t.values())
-    lines = [f"# lmul eval: {results.get('model_desc', c['model'])}", "",
+    lines = [f"# lmul eval: {results.get('model_desc', c['model'])}", "", *summary(results), "### Run", "",
              f"- arms: {', '.join(c['arms'])}; tasks: {', '.join(c['tasks'])}",
              f"- items per task: {c['limit'] or 'all'} (first N of each split); divergence items: "
              f"{c['div_limit'] if c['div_limit'] is not None else c['limit'] or 'all'}; seed {c['seed']}; "
@@ -460,14 +590,18 @@ def render(results: dict) -> str:
              "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("lmul", "lmul_git", "torch", "transformers",
                                                                   "lm_eval", "datasets") if k in v),
              f"- machine: {v.get('platform', '?')}, {v.get('torch_threads', '?')} torch threads, device {c['device']}",
-             "", PAPER_NOTE, ""]
+             ""]
     t2 = "MMLU and common-sense reasoning" if "mmlu" in results["tasks"] else "Common-sense reasoning"
-    lines += _acc_table(results, TABLE2_TASKS, f"{t2} (layout of the paper's Table 2)", "2")
-    lines += _acc_table(results, TABLE3_TASKS, "GSM8K (layout of the paper's Table 3)", "3")
+    body = _acc_table(results, TABLE2_TASKS, f"{t2} (layout of the paper's Table 2)", "2")
+    body += _acc_table(results, TABLE3_TASKS, "GSM8K (layout of the paper's Table 3)", "3")
     others = tuple(t for t in results["tasks"] if t not in TABLE2_TASKS + TABLE3_TASKS)
-    lines += _acc_table(results, others, "Other tasks")
-    lines += _table5_mmlu(results)
-    lines += _table5(results)
+    body += _acc_table(results, others, "Other tasks")
+    t5 = _table5_mmlu(results) + _table5(results)
+    shown = {"table2"} if any(t in results["tasks"] for t in TABLE2_TASKS) else set()
+    shown |= {"table3"} if any(t in results["tasks"] for t in TABLE3_TASKS) else set()
+    shown |= {"table5"} if t5 else set()
+    note = paper_note(shown)
+    lines += ([note, ""] if note else []) + body + t5
     lines += _generation_table(results)
     lines += _div_table(results)
     lines += _subgroup_tables(results)

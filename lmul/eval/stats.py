@@ -89,3 +89,29 @@ def paired(a, b, iters: int = 10_000, seed: int = 0) -> Paired:
         nb = nc = -1
         p = float("nan")
     return Paired(diff, lo, hi, int(a.size), nb, nc, p)
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion with ``k`` successes in ``n`` trials: the p with
+    ``|k/n - p| <= z·sqrt(p(1 - p)/n)``, i.e.
+    ``(k/n + z²/2n ± z·sqrt(k/n·(1 - k/n)/n + z²/4n²)) / (1 + z²/n)``. Asymmetric, inside [0, 1]
+    even at k = 0 or k = n (where ``p ± z·se`` gives a zero-width or out-of-range interval)."""
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"wilson needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    p = k / n
+    denom = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo, hi = max(0.0, mid - half), min(1.0, mid + half)
+    return (0.0 if k == 0 else lo), (1.0 if k == n else hi)  # exact at the ends, where rounding misses by 1 ulp
+
+
+MIN_DISCORDANT = 6  # McNemar's exact test on b + c items has smallest p = 2·2^-(b+c): < 0.05 needs b + c >= 6
+
+
+def resolvable(p: Paired) -> bool:
+    """Whether a paired comparison can tell anything from zero or from another difference: its CI
+    has width, and for 0/1 scores at least :data:`MIN_DISCORDANT` items changed (with fewer, no
+    outcome is significant at 5% and the bootstrap CI understates the uncertainty; at b + c = 0 it
+    is [0, 0])."""
+    return p.hi > p.lo and (p.b < 0 or p.b + p.c >= MIN_DISCORDANT)
