@@ -187,10 +187,12 @@ def test_pieces_are_bounded_and_invisible(monkeypatch, backend, shapes):
     whole = matmul(a, b, spec=spec)
     calls = _recording(monkeypatch, backend, 64)
     got = matmul(a, b, spec=spec)
-    assert len(calls) > 1
-    assert all(x <= 64 and y <= 64 and z <= 64 for x, y, z in calls), calls
-    want, mag = oracle_matmul(a, b, "e4m3", spec.mode)
     k = shapes[0][-1]
+    assert len(calls) > 1
+    # the reference is never split over k (it chunks k itself, into a float64 sum): whole rows of K
+    bound = max(64, k) if backend == "reference" else 64
+    assert all(x <= bound and y <= bound and z <= 64 for x, y, z in calls), calls
+    want, mag = oracle_matmul(a, b, "e4m3", spec.mode)
     assert_within_contract(got, want, mag, k)
     assert_within_contract(whole, want, mag, k)
 
