@@ -2,8 +2,9 @@
 ``acc="fp32"`` time (issue 13): ``python benchmarks/acc.py [--size 1024] [--threads 1]``.
 
 Targets (ratio = acc time / fp32 time of the same backend, mode and format, interleaved in the
-same run, best of ``--reps``): <= 2x for ``acc_block`` >= 16, <= 4x for ``acc_block`` = 1. Writes
-the "Reduced-precision accumulation" section of benchmarks/RESULTS.md (other sections kept).
+same run, best of ``--reps``): <= 2x for ``acc_block`` >= 16, <= 4x for ``acc_block`` = 1. Prints the
+rows; ``--out benchmarks/RESULTS.md`` writes the "Reduced-precision accumulation" section there (other
+sections kept).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"), help="'-': do not write")
+    p.add_argument("--out", type=Path, default=Path("-"), help="also write the section into this file "
+                   "(benchmarks/RESULTS.md: the committed results); default '-': print only")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,11 +6,11 @@ step: ``lmul.nn.lmul_attention`` on grouped-query shapes ([B, H, 1, D] queries, 
 cache) for each arm, against torch's eager attention (``Q Kᵀ``, softmax, ``A V`` on K/V repeated
 per query head, as transformers' eager path). The ``repeated`` column feeds ``lmul_attention`` K/V
 already repeated per query head (H_kv = H), the layout before the query heads of a group were
-stacked as rows. Ratio = our time / native time, best of interleaved repeats. Writes the ``decode``
-section of ``benchmarks/RESULTS.md``.
+stacked as rows. Ratio = our time / native time, best of interleaved repeats. Prints the table;
+``--out benchmarks/RESULTS.md`` writes it into that file's ``decode`` section.
 
-    python benchmarks/decode.py                       # SmolLM2-135M's shapes, batch 8
-    python benchmarks/decode.py --lens 256 --out ''   # print only
+    python benchmarks/decode.py --lens 256                          # print only
+    python benchmarks/decode.py --out benchmarks/RESULTS.md         # SmolLM2-135M's shapes, batch 8
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default="lmul,e4m3,e5m2,lmul-k3", help="presets (lmul.PRESETS), comma separated")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/RESULTS.md", help="results file ('' to print only)")
+    p.add_argument("--out", default="", help="also write the section into this file (benchmarks/RESULTS.md: the "
+                   "committed results); default: print only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

@@ -1,7 +1,7 @@
 """L-Matmul speed against torch.matmul: ``python benchmarks/matmul.py [lmul bench options]``.
 
-Same as ``lmul bench`` (see lmul/bench.py); writes the "L-Matmul kernels" section of
-benchmarks/RESULTS.md.
+Same as ``lmul bench`` (see lmul/bench.py): prints the table; ``--out benchmarks/RESULTS.md``
+(with ``--section``) writes it into the committed results.
 """
 
 from __future__ import annotations

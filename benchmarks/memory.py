@@ -5,10 +5,10 @@ set (VmHWM) is reset to the current RSS, the operation runs once, and the peak a
 before it is reported (MiB), together with the wall time of that one call and the size of the
 inputs and of the output. lmul's bound (``docs/kernels.md``): a constant (backend workspace for
 pieces of ``lmul.matmul.MATMUL_CHUNK`` elements) plus at most one copy of the inputs and of the
-output. Results go to the ``memory`` section of ``benchmarks/RESULTS.md``.
+output. Prints the table; ``--out benchmarks/RESULTS.md`` writes it into that file's ``memory`` section.
 
-    python benchmarks/memory.py                 # every case, writes benchmarks/RESULTS.md
-    python benchmarks/memory.py --cases matvec --out ''
+    python benchmarks/memory.py --cases matvec                  # print only
+    python benchmarks/memory.py --out benchmarks/RESULTS.md     # every case, into the committed results
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/RESULTS.md", help="results file ('' to skip writing)")
+    p.add_argument("--out", default="", help="also write the section into this file (benchmarks/RESULTS.md: the "
+                   "committed results); default: print only")
     args = p.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     unknown = [c for c in names if c not in CASES]

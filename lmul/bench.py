@@ -5,8 +5,14 @@ Each case times ``lmul.matmul`` (quantize + prepare + multiply + fix-up: the who
 best times (our time / native time), TFLOP/s-equivalent (2 M N K / time) and the peak extra
 resident memory of the call (CPU: peak RSS above the level before it, via /proc; CUDA: peak
 allocated). The naive broadcast emulation, ``mul(a[..., :, :, None], b[..., None, :, :]).sum(-2)``,
-is timed on one small size for the ">= 100x faster" row. Results go to a marked section of
-``benchmarks/RESULTS.md`` (replaced atomically; other sections are kept).
+is timed on one small size for the ">= 100x faster" row.
+
+The table goes to stdout; ``--out FILE`` also writes it into a marked section of FILE (replaced
+atomically; other sections are kept): ``--out benchmarks/RESULTS.md`` updates the committed
+results, which a run without ``--out`` never touches. The recorded command holds the options
+given on the command line (not the defaults). A row is *untrusted* (no met/missed verdict) when
+fewer than 3 repeats were timed, the baseline's best time is under 20 µs (timer and call overhead
+dominate), or a timing's median repeat is more than 1.5x its best (the machine was busy).
 """
 
 from __future__ import annotations
@@ -124,11 +130,30 @@ def peak_extra_mib(fn: Callable[[], object], device: str) -> Optional[float]:
     return None if before is None or peak is None else max(0, peak - before) / 1024
 
 
-def best_times(fns: list[Callable[[], object]], device: str, reps: int, min_time: float) -> list[float]:
-    """Best-of-``reps`` seconds for each function, interleaved so load changes hit all alike."""
+MIN_REPS = 3  # fewer timed repeats: one scheduler hiccup decides the result
+MIN_BASELINE_S = 20e-6  # a faster baseline is mostly timer and Python call overhead
+MAX_SPREAD = 1.5  # median / best of one function's repeats; more: the machine was busy
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The repeats of one timed function: best and median seconds, and how many were timed."""
+
+    best: float
+    median: float
+    reps: int
+
+    @property
+    def spread(self) -> float:
+        return self.median / self.best if self.best > 0 else float("inf")
+
+
+def timings(fns: list[Callable[[], object]], device: str, reps: int, min_time: float) -> list[Timing]:
+    """Time each function ``reps`` times (more, up to 4x, until ``min_time`` seconds have passed),
+    interleaved so load changes hit all alike, after one warm-up call each."""
     for fn in fns:
         fn()
-    best = [float("inf")] * len(fns)
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     r = 0
     while r < reps or (time.perf_counter() - start < min_time and r < 4 * reps):
@@ -137,9 +162,27 @@ def best_times(fns: list[Callable[[], object]], device: str, reps: int, min_time
             t = time.perf_counter()
             fn()
             _sync(device)
-            best[i] = min(best[i], time.perf_counter() - t)
+            times[i].append(time.perf_counter() - t)
         r += 1
-    return best
+    return [Timing(min(ts), float(sorted(ts)[len(ts) // 2]), len(ts)) for ts in times]
+
+
+def best_times(fns: list[Callable[[], object]], device: str, reps: int, min_time: float) -> list[float]:
+    """Best-of-``reps`` seconds for each function (:func:`timings`)."""
+    return [t.best for t in timings(fns, device, reps, min_time)]
+
+
+def untrusted(times: Sequence[Timing], baseline: Timing) -> str:
+    """Why a measurement is too short or too noisy for a verdict ('' when it is fine)."""
+    reps = min(t.reps for t in times)
+    if reps < MIN_REPS:
+        return f"{reps} repeat{'s' * (reps != 1)} (< {MIN_REPS})"
+    if baseline.best < MIN_BASELINE_S:
+        return f"baseline {baseline.best * 1e6:.0f} µs (< {MIN_BASELINE_S * 1e6:.0f} µs)"
+    worst = max(times, key=lambda t: t.spread)
+    if worst.spread > MAX_SPREAD:
+        return f"median/best {worst.spread:.1f} (> {MAX_SPREAD})"
+    return ""
 
 
 def run(configs: list[LMulSpec], backends: list[str], case_list: list[Case], device: str = "cpu",
@@ -161,14 +204,15 @@ def run(configs: list[LMulSpec], backends: list[str], case_list: list[Case], dev
                 run_spec = spec.replace(backend=name)
                 ours = lambda a=a, b=b, run_spec=run_spec: matmul(a, b, spec=run_spec)
                 native = lambda a=a, b=b: torch.matmul(a, b)
-                t_ours, t_nat = best_times([ours, native], device, reps, min_time)
+                tim_ours, tim_nat = timings([ours, native], device, reps, min_time)
+                t_ours, t_nat = tim_ours.best, tim_nat.best
                 mem = peak_extra_mib(ours, device)
                 target = TARGETS.get(spec.name) if device == "cpu" and case.targeted else None
                 row = {"case": case.name, "mode": mode, "format": fmt, "backend": backend if backend != "auto"
                        else f"auto->{name}", "time_ms": t_ours * 1e3, "native_ms": t_nat * 1e3,
                        "ratio": t_ours / t_nat, "tflops": case.flops / t_ours / 1e12, "mem_mib": mem,
                        "operands_mib": (a.numel() + b.numel() + case.flops // (2 * case.k)) * 4 / 2**20,
-                       "target": target}
+                       "target": target, "untrusted": untrusted([tim_ours, tim_nat], tim_nat)}
                 rows.append(row)
                 progress(_format_row(row))
     if naive_size:
@@ -184,13 +228,15 @@ def _naive_rows(configs, size: int, device: str, progress) -> list[dict]:
         mode, fmt = spec.mode, spec.fmt.name
         naive = lambda spec=spec: mul(a[:, :, None], b[None, :, :], spec=spec).sum(-2)
         ours = lambda spec=spec: matmul(a, b, spec=spec)
-        t_naive = best_times([naive], device, 2, 0.0)[0]
-        t_ours = best_times([ours], device, 10, 1.0)[0]
+        tim_naive = timings([naive], device, MIN_REPS, 0.0)[0]
+        tim_ours = timings([ours], device, 10, 1.0)[0]
+        t_naive, t_ours = tim_naive.best, tim_ours.best
         row = {"case": f"naive broadcast {size}^3", "mode": mode, "format": fmt,
                "backend": f"auto->{kernels.select('matmul', a, spec).name}", "time_ms": t_ours * 1e3,
                "native_ms": t_naive * 1e3, "ratio": t_naive / t_ours, "tflops": 2 * size**3 / t_ours / 1e12,
                "mem_mib": None, "operands_mib": None, "naive": True,
-               "target": NAIVE_TARGET if mode != "exact" else None}  # the target is for L-Mul modes
+               "target": NAIVE_TARGET if mode != "exact" else None,  # the target is for L-Mul modes
+               "untrusted": untrusted([tim_naive, tim_ours], tim_ours)}
         rows.append(row)
         progress(_format_row(row))
     return rows
@@ -200,6 +246,8 @@ def _verdict(row: dict) -> str:
     t = row["target"]
     if t is None:
         return ""
+    if row.get("untrusted"):
+        return f"no verdict: {row['untrusted']}"
     if row.get("naive"):
         return "met" if row["ratio"] >= t else f"MISSED ({t / row['ratio']:.1f}x short)"
     return "met" if row["ratio"] <= t else f"MISSED by {row['ratio'] / t:.2f}x"
@@ -323,8 +371,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-time", type=float_arg(0.0), default=1.0,
                    help="keep repeating (up to 4x reps) until this many seconds per case have passed")
     p.add_argument("--naive-size", type=int_arg(0), default=128, help="size of the naive emulation row (0: skip)")
-    p.add_argument("--out", default="benchmarks/RESULTS.md", help="results file ('' to skip writing)")
     p.add_argument("--threads", type=int_arg(0), default=0, help="torch/OpenMP threads (0: torch default)")
+    p.add_argument("--out", default="", help="also write the table into the --section of this Markdown file "
+                   "(benchmarks/RESULTS.md: the committed results); default: stdout only")
     p.add_argument("--section", default="cpu", help="key of the RESULTS.md section this run replaces")
 
 
@@ -355,12 +404,30 @@ def main(args: argparse.Namespace) -> int:
     print(f"# {machine_line(args.device)}\n{HEADER}")
     rows = run(configs, [b for b in args.backends.split(",") if b], case_list, args.device, args.reps,
                args.min_time, naive_size=args.naive_size)
+    shaky = [r for r in rows if r.get("untrusted") and r["target"] is not None]
+    if shaky:
+        print(f"note: {len(shaky)} of {len(rows)} rows have no verdict (too few repeats, a baseline under "
+              f"{MIN_BASELINE_S * 1e6:.0f} µs or noisy repeats); rerun with more --reps / --min-time on a quiet "
+              "machine")
     if args.out:
-        cmd = "lmul bench " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                       if k not in ("func", "command", "out", "section"))
-        write_results(rows, Path(args.out), cmd, args.device, args.section)
+        write_results(rows, Path(args.out), command(args), args.device, args.section)
         print(f"wrote {args.out}")
     return 0
+
+
+def command(args: argparse.Namespace, prog: str = "lmul bench") -> str:
+    """``prog`` and the options of ``args`` that differ from the parser's defaults, in the parser's
+    order and as given (list options keep their text); --out, --section and --debug are left out."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    opts = []
+    for act in parser._actions:
+        if not act.option_strings or act.dest in ("help", "out", "section") or not hasattr(args, act.dest):
+            continue
+        v = getattr(args, act.dest)
+        if v != act.default:
+            opts.append(f"{act.option_strings[0]} {v}")
+    return " ".join([prog, *opts])
 
 
 def register(subparsers) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +72,68 @@ def test_decode_benchmark_script(tmp_path):
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     want = torch.softmax(q @ mod.repeat_kv(k, 2).transpose(2, 3) / 8**0.5, -1) @ mod.repeat_kv(v, 2)
     torch.testing.assert_close(mod.eager_attention(q, k, v, torch.zeros(2, 1, 1, 5)), want)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git_status() -> set[str] | None:
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(proc.stdout.splitlines()) if proc.returncode == 0 else None
+
+
+def test_a_quick_bench_leaves_the_tree_clean(monkeypatch, capsys):
+    """Issue 25: `lmul bench` with default options appended a section to the committed
+    benchmarks/RESULTS.md. Now the table goes to stdout only; the tracked file and `git status` do
+    not change (run from the repository root, where the old relative default pointed)."""
+    before = _git_status()
+    if before is None:
+        pytest.skip("not a git checkout")
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_bytes()
+    monkeypatch.chdir(ROOT)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--sizes", "8", "--kinds", "square", "--configs", "bf16-bit", "--reps", "1",
+                         "--min-time", "0", "--naive-size", "0"])
+    assert bench.main(args) == 0
+    assert "| square 8 | bit | bf16 |" in capsys.readouterr().out
+    assert (ROOT / "benchmarks" / "RESULTS.md").read_bytes() == results
+    assert _git_status() - before == set()
+    for script in ("acc", "decode", "memory"):  # the scripts that can write RESULTS.md do so only with --out
+        src = (ROOT / "benchmarks" / f"{script}.py").read_text()
+        assert 'default="benchmarks/RESULTS.md"' not in src and 'with_name("RESULTS.md")' not in src, script
+
+
+def test_recorded_command_holds_the_given_options_only():
+    """The section's command: the options the user gave, as given, not every default (the old one
+    recorded `--debug False`, which is not a bench option)."""
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--reps", "1", "--sizes", "128", "--out", "x.md"])
+    args.debug, args.func, args.command = False, None, "bench"  # what `lmul`'s own parser adds
+    assert bench.command(args) == "lmul bench --sizes 128 --reps 1"
+    assert bench.command(p.parse_args([])) == "lmul bench"
+
+
+def test_too_short_or_noisy_measurements_get_no_verdict():
+    T = bench.Timing
+    ok, base = T(0.010, 0.011, 5), T(0.002, 0.0021, 5)
+    assert bench.untrusted([ok, base], base) == ""
+    assert bench.untrusted([T(0.6e-3, 0.6e-3, 1), T(15e-3, 15e-3, 1)], T(15e-3, 15e-3, 1)) == "1 repeat (< 3)"
+    tiny = T(5e-6, 5e-6, 10)
+    assert bench.untrusted([ok, tiny], tiny).startswith("baseline 5 µs")
+    assert bench.untrusted([T(0.010, 0.020, 5), base], base) == "median/best 2.0 (> 1.5)"
+    row = {"target": 6.0, "ratio": 0.04, "untrusted": "1 repeat (< 3)"}
+    assert bench._verdict(row) == "no verdict: 1 repeat (< 3)"
+    assert bench._verdict({**row, "untrusted": ""}) == "met"
+    # a real run with one repeat: never a met/missed verdict
+    case_list = bench.cases([16], [], [8], heads=1, kinds=("square",))
+    rows = bench.run([LMulSpec.from_name("bf16-bit")], ["auto"], case_list, reps=1, naive_size=0,
+                     progress=lambda s: None)
+    assert rows[0]["untrusted"] and bench._verdict(rows[0]).startswith("no verdict")
