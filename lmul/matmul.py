@@ -15,7 +15,9 @@ The op picks a backend from :data:`lmul.kernels.BACKENDS` and feeds it pieces of
 * each backend call sees at most :data:`MATMUL_CHUNK` elements of each operand and of its result,
   splitting rows, columns and, for float32 accumulation, ``k`` (partial sums added in float32,
   rows/columns that could overflow recomputed over the whole ``k``; the reference backend, the
-  oracle, is never split over ``k``: it keeps a float64 accumulator across its own ``k`` chunks).
+  oracle, is never split over ``k``: it keeps a float64 accumulator across its own ``k`` chunks) and,
+  for ``acc=<format>``, ``k`` at block boundaries with the accumulator state carried across pieces
+  (bit-identical to the whole sum).
 
 So the extra memory of a call is a constant (backend workspace for ``MATMUL_CHUNK``-sized pieces,
 ``docs/kernels.md``) plus at most one copy of the inputs and of the output.
@@ -33,7 +35,7 @@ import torch
 from lmul import autograd, kernels
 from lmul.formats import Format, FormatLike, Rounding, check_devices, check_float
 from lmul.kernels.common import overflow_risk
-from lmul.kernels.reference import reference_matmul
+from lmul.kernels.reference import reference_matmul, round_acc
 from lmul.spec import LMulSpec, Mode, resolve_spec
 
 __all__ = ["matmul", "MATMUL_CHUNK"]
@@ -81,15 +83,17 @@ def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpe
     n = b.shape[-1]
     if k == 0:
         return torch.zeros(bsz, m, n, dtype=torch.float32, device=a.device)
-    # k per piece when K alone is too long (64: the widest column padding of a backend). Not for the
-    # reference: it is the oracle (float64 sums rounded once, inf/NaN from the whole sum) and bounds
-    # its own memory by chunking k into a float64 accumulator; float32 partials would change its result.
-    split_k = spec.acc is None and entry.name != "reference" and k * min(n, 64) > MATMUL_CHUNK
+    # k per piece when K alone is too long: a backend pads B to 64 columns (the cpu kernels' strips),
+    # so even one column of B costs 64 k. Not for the reference: it is the oracle (float64 sums rounded
+    # once, inf/NaN from the whole sum; the reduced-precision state) and bounds its own memory by
+    # carrying its sum across its own k chunks.
+    split_k = entry.name != "reference" and k * 64 > MATMUL_CHUNK
     kk = max(1, MATMUL_CHUNK >> 6) if split_k else k
     rm = min(m, max(1, MATMUL_CHUNK // kk))
     cn = min(n, max(1, MATMUL_CHUNK // kk), max(1, MATMUL_CHUNK // rm))
     whole = (rm, cn, kk) == (m, n, k)
-    bs = min(bsz, max(1, MATMUL_CHUNK // max(m * k, k * n, m * n))) if whole else 1
+    pm, pn = -(-m // 4) * 4, -(-n // 64) * 64  # the cpu kernels pad rows to 4 and columns to 64, per batch
+    bs = min(bsz, max(1, MATMUL_CHUNK // max(pm * k, k * pn, pm * pn))) if whole else 1
     if whole and bs == bsz:
         return entry.fn(a, b, spec)
     out = torch.empty(bsz, m, n, dtype=torch.float32, device=a.device)
@@ -102,6 +106,9 @@ def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpe
                 ap, bp = a[b0:b1, r0:r1], b[b0:b1, :, c0:c1]
                 if kk == k:
                     out[b0:b1, r0:r1, c0:c1] = entry.fn(ap, bp, spec)
+                    continue
+                if spec.acc is not None:
+                    out[b0:b1, r0:r1, c0:c1] = _acc_pieces(entry, ap, bp, spec, kk)
                     continue
                 block = out[b0:b1, r0:r1, c0:c1]
                 block.zero_()
@@ -116,6 +123,31 @@ def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpe
                     if c.numel():
                         block[bi, :, c] = reference_matmul(ap[bi:bi + 1], bp[bi:bi + 1, :, c], spec)[0]
     return out
+
+
+def _acc_pieces(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, kk: int) -> torch.Tensor:
+    """``acc=<format>`` over k pieces of at most ``kk`` products, bit-identical to the whole sum of
+    docs/semantics.md section 4: the pieces are cut at block boundaries and each continues the running
+    sum the previous one returned (``init=``); a block longer than ``kk`` has its float32 block sum
+    carried across its pieces (``within_block=True``) and is then added and rounded here,
+    ``total = quantize(fl32(total + s), acc)``."""
+    k = a.shape[-1]
+    block = spec.acc_block
+    total = None
+    if block <= kk:
+        step = kk // block * block
+        for k0 in range(0, k, step):
+            piece = (a[..., k0:k0 + step], b[:, k0:k0 + step], spec)
+            total = entry.fn(*piece) if total is None else entry.fn(*piece, init=total)
+        return total
+    total = torch.zeros(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.float32, device=a.device)
+    for k0 in range(0, k, block):
+        k1 = min(k, k0 + block)
+        s = torch.zeros_like(total)
+        for p0 in range(k0, k1, kk):
+            s = entry.fn(a[..., p0:min(k1, p0 + kk)], b[:, p0:min(k1, p0 + kk)], spec, init=s, within_block=True)
+        total = round_acc(total + s, spec.acc)
+    return total
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:

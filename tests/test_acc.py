@@ -291,3 +291,109 @@ def test_property_fast_backends_match_oracle(m, k, n, block, fmt, mode, acc, sca
             continue
         got = matmul(a, b, fmt, mode, acc=acc, acc_block=block, backend=backend)
         assert_bits(got, want, f"{backend} {fmt} {mode} acc={acc} block={block}")
+
+
+# -- k split by the dispatcher: the accumulator carried across pieces (issue 24, finding 6) ------
+
+def _recording_backend(monkeypatch, backend: str, chunk: int) -> list:
+    """Shrink MATMUL_CHUNK (k pieces of chunk / 64) and record every call's k and state kind."""
+    import sys
+
+    calls = []
+    entry = kernels.get("matmul", backend)
+
+    def fn(a, b, spec, **state):
+        calls.append((a.shape[-1], "within" if state.get("within_block") else "init" if state else "fresh"))
+        return entry.fn(a, b, spec, **state)
+
+    monkeypatch.setattr(sys.modules["lmul.matmul"], "MATMUL_CHUNK", chunk)
+    wrapped = kernels.Backend(backend, "matmul", fn, entry.unavailable, "")
+    monkeypatch.setitem(kernels._BY_KEY, ("matmul", backend), wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["cpu", "decompose"])
+@pytest.mark.parametrize("mode", MODES)
+def test_k_split_carries_the_accumulator(monkeypatch, backend, mode):
+    """K = 150 in pieces of 8 k: blocks that fit a piece (1, 3, 8: the running sum continues) and
+    blocks longer than a piece (20, 157: the float32 block sum continues), an inf row and a NaN
+    column (recomputed by the reference with the carried state): the oracle's bits."""
+    _skip_unless(backend, "e4m3", mode)
+    a, b = _operands("e4m3", 5, K_MAIN, 3, seed=40 + MODES.index(mode), spread=True)
+    a[1, 60] = float("inf")
+    b[100, 2] = float("nan")
+    calls = _recording_backend(monkeypatch, backend, 8 * 64)
+    for acc in ("e4m3", "e5m2"):
+        for block in (1, 3, 8, 20, K_MAIN + 7):
+            calls.clear()
+            got = matmul(a, b, "e4m3", mode, acc=acc, acc_block=block, backend=backend)
+            assert_bits(got, oracle(a, b, "e4m3", mode, acc, block), f"{backend} {mode} acc={acc} block={block}")
+            assert max(k for k, _ in calls) <= 8 and {kind for _, kind in calls} == (
+                {"fresh", "init"} if block <= 8 else {"within"}), calls
+
+
+_MEMORY_SCRIPT = r"""
+import re, sys
+import numpy as np, torch
+import lmul
+
+def hwm():
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
+
+k, block = int(sys.argv[1]), int(sys.argv[2])
+g = torch.Generator().manual_seed(5)
+a = lmul.quantize(torch.randn(3, k, generator=g), "e4m3")
+b = lmul.quantize(torch.randn(k, generator=g), "e4m3")
+lmul.matmul(a[:, :256], b[:256], "e4m3", "exact", acc="e4m3", acc_block=block, backend="cpu")  # compile, load
+base = hwm()
+got = lmul.matmul(a, b, "e4m3", "exact", acc="e4m3", acc_block=block, backend="cpu")
+grow = hwm() - base
+np.save(sys.argv[3], got.numpy())
+print(grow)
+"""
+
+
+@pytest.mark.parametrize("block", [4096, 2**20 + 3])
+def test_narrow_fp8_accumulation_memory_is_bounded(tmp_path, block):
+    """(3, 2^21) @ (2^21,) with acc=e4m3 on cpu (B padded to 64 columns, K = 2^21): the peak RSS
+    growth of the call (C++ allocations included: VmHWM, in a fresh process) stays within the
+    inputs' size plus 64 MiB (it was 1 GiB: K unsplit, 512 bytes of B per k); and the result is the
+    defined sum, bit for bit: exact e4m3 products are exact in float32, float32 block sums are
+    NumPy's sequential add.accumulate, the running sum rounded by torch's saturating e4m3 cast."""
+    import subprocess
+    import sys
+
+    if kernels.get("matmul", "cpu").machine():
+        pytest.skip("cpu backend unavailable")
+    k = 2**21
+    out = tmp_path / "got.npy"
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(k), str(block), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    inputs = 4 * k * 4
+    assert int(proc.stdout.split()[-1]) <= inputs + (64 << 20), proc.stdout
+    g = torch.Generator().manual_seed(5)
+    a = quantize(torch.randn(3, k, generator=g), "e4m3").numpy()
+    b = quantize(torch.randn(k, generator=g), "e4m3").numpy()
+    p = a * b  # [3, K] float32, exact
+    want = np.zeros(3, dtype=np.float32)
+    for k0 in range(0, k, block):
+        s = np.add.accumulate(p[:, k0:k0 + block], axis=1, dtype=np.float32)[:, -1]
+        want = round_acc((want + s).astype(np.float32), "e4m3")
+    assert_bits(torch.from_numpy(np.load(out)), want, f"K=2^21 block={block}")
+
+
+def test_oversized_workspace_is_not_kept(monkeypatch):
+    """Scratch buffers above WORKSPACE_CAP are temporaries: a direct backend call on big operands
+    does not leave them allocated (they were kept at the largest size until release_workspace)."""
+    from lmul.kernels import cpu_ext
+
+    if cpu_ext.machine():
+        pytest.skip("cpu backend unavailable")
+    cpu_ext.release_workspace()
+    monkeypatch.setattr(cpu_ext, "WORKSPACE_CAP", 1 << 16)
+    a, b = torch.randn(1, 8, 600), torch.randn(1, 600, 3)  # B padded: 600 x 64 x 4 bytes > 64 KiB
+    got = cpu_ext.cpu_matmul(a, b, LMulSpec("e4m3", acc="e4m3"))
+    kept = cpu_ext._WORKSPACE.__dict__.get("bufs", {})
+    assert all(t.numel() * t.element_size() <= 1 << 16 for t in kept.values()), {n: t.numel() for n, t in kept.items()}
+    assert_bits(got[0], oracle(a[0], b[0], "e4m3", "bit", "e4m3", 1), "capped workspace")

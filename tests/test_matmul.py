@@ -164,9 +164,9 @@ def _recording(monkeypatch, name: str, chunk: int) -> list:
     calls = []
     entry = kernels.get("matmul", name)
 
-    def fn(a, b, spec):
+    def fn(a, b, spec, **state):
         calls.append((a.numel(), b.numel(), a.shape[1] * b.shape[-1] * a.shape[0]))
-        return entry.fn(a, b, spec)
+        return entry.fn(a, b, spec, **state)
 
     monkeypatch.setattr(sys.modules["lmul.matmul"], "MATMUL_CHUNK", chunk)
     monkeypatch.setitem(kernels._BY_KEY, ("matmul", name), kernels.Backend(name, "matmul", fn, entry.unavailable, ""))
@@ -197,18 +197,19 @@ def test_pieces_are_bounded_and_invisible(monkeypatch, backend, shapes):
     assert_within_contract(whole, want, mag, k)
 
 
-@pytest.mark.parametrize("acc,block", [("e4m3", 1), ("e5m2", 4)])
-def test_reduced_accumulation_is_never_split_over_k(monkeypatch, acc, block):
-    """The running sum is rounded in k order, so pieces split rows/columns only: bit-identical."""
+@pytest.mark.parametrize("acc,block", [("e4m3", 1), ("e5m2", 4), ("e4m3", 2)])
+def test_reduced_accumulation_pieces_are_bit_identical(monkeypatch, acc, block):
+    """The running sum is rounded in k order: pieces split rows, columns and k, k at block
+    boundaries with the accumulator carried (MATMUL_CHUNK = 128: pieces of 2 k); bit-identical."""
     g = torch.Generator().manual_seed(12)
     a, b = torch.randn(2, 7, 90, generator=g), torch.randn(90, 5, generator=g)
     whole = matmul(a, b, "e4m3", acc=acc, acc_block=block)
     from lmul import kernels
     from lmul.spec import LMulSpec
 
-    calls = _recording(monkeypatch, kernels.select("matmul", a, LMulSpec("e4m3", acc=acc)).name, 100)
+    calls = _recording(monkeypatch, kernels.select("matmul", a, LMulSpec("e4m3", acc=acc)).name, 128)
     got = matmul(a, b, "e4m3", acc=acc, acc_block=block)
-    assert len(calls) > 1 and all(x % 90 == 0 for x, _, _ in calls)  # whole rows of K
+    assert len(calls) > 1 and all(x <= 128 and y <= 128 for x, y, _ in calls)
     assert torch.equal(got.view(torch.int32), whole.view(torch.int32))
 
 
@@ -298,3 +299,39 @@ def test_k_split_gives_the_whole_sums_inf_and_nan(monkeypatch, backend, b_shape)
     got = matmul(a, b, "fp32", "exact", backend=backend)
     rows = [0, 1, 2, 3, 4] if backend == "reference" else [0, 2, 3, 4]
     assert torch.equal(got[rows].nan_to_num(7.0), want[rows].nan_to_num(7.0))
+
+
+# -- memory of narrow products on the cpu backend (issue 24, finding 6's audit) ------------------
+
+_PEAK_SCRIPT = r"""
+import re, sys
+import torch
+import lmul
+
+def hwm():
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
+
+a, b = torch.randn(*eval(sys.argv[1])), torch.randn(*eval(sys.argv[2]))
+lmul.matmul(a[..., :64], b[..., :64, :] if b.dim() > 1 else b[:64], "e4m3", backend="cpu")  # compile, load
+base = hwm()
+lmul.matmul(a, b, "e4m3", backend="cpu")
+print(hwm() - base, (a.numel() + b.numel()) * 4)
+"""
+
+
+@pytest.mark.parametrize("shapes", [((3, 2**22 - 64), (2**22 - 64,)), ((2**19, 1, 8), (2**19, 8, 1))], ids=str)
+def test_narrow_products_memory_is_bounded(shapes):
+    """The cpu kernels pad B to 64 columns (and A to 4 rows): a matrix-vector product with K just
+    under 2^22 (not split over k before: 2.1 GiB) and a batch of dot products (2^19 batches in one
+    piece before: 2.6 GiB) stay within their inputs' size plus 64 MiB (VmHWM of a fresh process)."""
+    import subprocess
+
+    from lmul import kernels
+
+    if kernels.get("matmul", "cpu").machine():
+        pytest.skip("cpu backend unavailable")
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(shapes[0]), str(shapes[1])],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grow, inputs = map(int, proc.stdout.split()[-2:])
+    assert grow <= inputs + (64 << 20), (grow >> 20, inputs >> 20)

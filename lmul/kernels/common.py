@@ -113,10 +113,12 @@ def underflow_risk(a: torch.Tensor, b: torch.Tensor, emin: int, shift: int) -> t
 
 
 def fixup(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec,
-          rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+          rows: torch.Tensor, cols: torch.Tensor, init: torch.Tensor | None = None,
+          within_block: bool = False) -> torch.Tensor:
     """Overwrite ``out[bi, i, :]`` where ``rows[bi, i]`` and ``out[bi, :, j]`` where ``cols[bi, j]``
     with the reference backend's result (``a`` [B, M, K], ``b`` [B, K, N], masks bool), after adding
-    the rows/columns at risk of float32 overflow (:func:`overflow_risk`)."""
+    the rows/columns at risk of float32 overflow (:func:`overflow_risk`). ``init``/``within_block``:
+    the accumulator state the call continues (``acc=<format>``, :func:`reference_matmul`)."""
     risk_rows, risk_cols = overflow_risk(a.detach(), b.detach())
     rows, cols = rows | risk_rows, cols | risk_cols
     if not bool(rows.any()) and not bool(cols.any()):
@@ -124,10 +126,12 @@ def fixup(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec,
     for bi in range(out.shape[0]):
         r = rows[bi].nonzero().flatten()
         if r.numel():
-            out[bi, r] = reference_matmul(a[bi : bi + 1, r], b[bi : bi + 1], spec)[0]
+            start = None if init is None else init[bi : bi + 1, r]
+            out[bi, r] = reference_matmul(a[bi : bi + 1, r], b[bi : bi + 1], spec, start, within_block)[0]
         c = cols[bi].nonzero().flatten()
         if c.numel():
-            out[bi, :, c] = reference_matmul(a[bi : bi + 1], b[bi : bi + 1, :, c], spec)[0]
+            start = None if init is None else init[bi : bi + 1, :, c]
+            out[bi, :, c] = reference_matmul(a[bi : bi + 1], b[bi : bi + 1, :, c], spec, start, within_block)[0]
     return out
 
 

@@ -122,15 +122,21 @@ def _qparams(fmt: Format, rounding: str) -> _QParams:
 
 
 _WORKSPACE = threading.local()
+WORKSPACE_CAP = 64 << 20  # bytes: a scratch buffer larger than this is freed after its call, never kept
 
 
 def _buffer(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """A per-thread scratch tensor reused across calls: fresh large allocations cost a page fault
-    per 4 KiB on first touch (about as much as preparing the operand). Never returned to callers."""
+    per 4 KiB on first touch (about as much as preparing the operand). Never returned to callers.
+    Buffers up to :data:`WORKSPACE_CAP` bytes are kept (the dispatcher's pieces need at most 32 MiB
+    each); a larger one (a direct backend call on big operands) is a plain temporary."""
     bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
     numel = 1
     for d in shape:
         numel *= d
+    if numel * dtype.itemsize > WORKSPACE_CAP:
+        bufs.pop(name, None)
+        return torch.empty(shape, dtype=dtype)
     buf = bufs.get(name)
     if buf is None or buf.dtype != dtype or buf.numel() < numel:
         buf = bufs[name] = torch.empty(max(numel, 1), dtype=dtype)
@@ -233,11 +239,13 @@ def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: cty
     return torch.matmul(left, right), rowflag.bool(), colflag.bool()
 
 
-def _acc(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: ctypes.CDLL) -> tuple:
+def _acc(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: ctypes.CDLL, init: Optional[torch.Tensor] = None,
+         within_block: bool = False) -> tuple:
     """Reduced-precision accumulation (``spec.acc``), every mode: prepared operands, then one C
     call that forms each product exactly (as :func:`lmul.ops.products`) and accumulates in the
     order of docs/semantics.md section 4 (float32 block sums in increasing k, the running sum
-    rounded to ``spec.acc`` after each block)."""
+    rounded to ``spec.acc`` after each block), continuing ``init`` (the running sum, or with
+    ``within_block`` the sum of the one block the products belong to: returned unrounded)."""
     bsz, m_rows, k = a.shape
     n = b.shape[-1]
     qp = ctypes.byref(_qparams(spec.fmt, spec.rounding))
@@ -285,23 +293,31 @@ def _acc(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: ctypes.CDLL) -> 
         lib.lmul_prep_acc_b(_ptr(b), i64(bsz), i64(k), i64(n), MODE_CODES[spec.mode], _ptr(bu), _ptr(bf),
                             _ptr(bfmn), _ptr(bfmx), _ptr(colflag), qp, nt_b)
     out = torch.empty(bsz, m_rows, n, dtype=torch.float32)
+    if init is not None:
+        out.copy_(init)
+    carry = 0 if init is None else 2 if within_block else 1
     null = ctypes.c_void_p(None)
     opt = lambda t: null if t is None else _ptr(t)  # noqa: E731
     lib.lmul_acc_matmul(MODE_CODES[spec.mode], opt(au), opt(af), opt(nz), opt(afmn), opt(afmx), i64(bsz),
                         i64(rows_pad), i64(m_rows), i64(k), _ptr(bu), _ptr(bf), _ptr(bfmn), _ptr(bfmx), i64(ns),
-                        i64(n), _ptr(out), m, off, i64(spec.acc_block), ctypes.byref(_qparams(spec.acc, "rne")), nt)
+                        i64(n), _ptr(out), m, off, i64(spec.acc_block), ctypes.byref(_qparams(spec.acc, "rne")), nt,
+                        carry)
     return out, rowflag.bool(), colflag.bool()
 
 
-def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
-    """[B, M, K] x [B, K, N] -> [B, M, N] float32 on the CPU (see the module docstring)."""
+def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, init: Optional[torch.Tensor] = None,
+               within_block: bool = False) -> torch.Tensor:
+    """[B, M, K] x [B, K, N] -> [B, M, N] float32 on the CPU (see the module docstring); ``init`` and
+    ``within_block``: the ``acc=<format>`` state, as in :func:`lmul.kernels.reference.reference_matmul`."""
     lib = load()
     a32 = _as_f32(a, spec.fmt, spec.rounding)
     b32 = _as_f32(b, spec.fmt, spec.rounding)
     if 0 in a32.shape or 0 in b32.shape:
+        if init is not None:
+            return init.to(torch.float32).clone()
         return torch.zeros(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.float32)
     if spec.acc is not None:
-        out, rows, cols = _acc(a32, b32, spec, lib)
+        out, rows, cols = _acc(a32, b32, spec, lib, init, within_block)
     elif spec.mode == "bit":
         out, rows, cols = _bit(a32, b32, spec, lib)
     else:
@@ -309,7 +325,7 @@ def cpu_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor
         if spec.mode == "formula":  # float32-subnormal products: the two terms would round apart
             risk_rows, risk_cols = underflow_risk(a, b, spec.fmt.emin, 0)
             rows, cols = rows | risk_rows, cols | risk_cols
-    return fixup(out, a, b, spec, rows, cols)
+    return fixup(out, a, b, spec, rows, cols, init, within_block)
 
 
 def cpu_mul(x: torch.Tensor, y: torch.Tensor, spec: LMulSpec) -> torch.Tensor:

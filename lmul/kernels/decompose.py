@@ -33,6 +33,7 @@ import torch
 
 from lmul.formats import quantize
 from lmul.kernels.common import fixup, spec_unsupported, split_normal, underflow_risk
+from lmul.kernels.reference import REFERENCE_CHUNK, Accumulator
 from lmul.spec import LMulSpec
 
 __all__ = ["decompose_matmul", "unavailable", "MAX_BIT_MAN_BITS", "carry_table", "DESCRIPTION"]
@@ -80,53 +81,56 @@ def _carry_top(spec: LMulSpec) -> float:
     return 2.0 ** (128 - q_max)
 
 
-def _acc_matmul(a: torch.Tensor, b: torch.Tensor, aq: torch.Tensor, bq: torch.Tensor,
-                spec: LMulSpec) -> torch.Tensor:
+def _acc_matmul(a: torch.Tensor, b: torch.Tensor, aq: torch.Tensor, bq: torch.Tensor, spec: LMulSpec,
+                init: Optional[torch.Tensor], within_block: bool) -> torch.Tensor:
     """Reduced-precision accumulation (``spec.acc``): a matmul's summation order is unspecified,
-    so the products of each k are formed elementwise ([B, M, N], bit-exact as the reference) and
-    summed in the order of docs/semantics.md section 4 (float32 block sums from +0 in increasing
-    k, ``total = quantize(total + block sum, acc)`` after each block).
+    so the products are formed elementwise, for a few k at a time ([B, M, k chunk, N], at most
+    ``REFERENCE_CHUNK``; bit-exact as the reference), and summed in the order of docs/semantics.md
+    section 4 by the reference's :class:`~lmul.kernels.reference.Accumulator` (one float32 add per k,
+    one rounding per block, vectorised over every output); ``init``/``within_block`` as there.
 
     bit: ``P = X^ (Y^ g(M_x, M_y))``, the factor ``Y^ g`` exact, one rounding; formula: the exact
     ``(2^m (1 + c) + M_x + M_y) 2^(xe + ye - m)`` in float64, rounded once; exact: one float32
     multiply (IEEE: the exact product rounded once)."""
     m = spec.fmt.man_bits
     bsz, rows, k = aq.shape
+    n = bq.shape[-1]
     if spec.mode == "bit":
         _, ha, ma = split_normal(aq, spec.fmt)
         _, hb, mb = split_normal(bq, spec.fmt)
         g = carry_table(m, int(spec.offset * 2**m), a.device)
-        prod = lambda kk: ha[:, :, kk, None] * (hb[:, None, kk, :] * g[ma[:, :, kk, None], mb[:, None, kk, :]])
+        prod = lambda ks: ha[:, :, ks, None] * (hb[:, None, ks, :] * g[ma[:, :, ks, None], mb[:, None, ks, :]])
     elif spec.mode == "formula":
         xa, ha, _ = split_normal(aq, spec.fmt)
         xb, hb, _ = split_normal(bq, spec.fmt)
         # X Y^ + X^ (Y + (c-1) Y^), both terms exact in float64, summed exactly there
         la, lb = xa.double(), (xb.double() + (spec.offset - 1.0) * hb.double())
         ha64, hb64 = ha.double(), hb.double()
-        prod = lambda kk: (la[:, :, kk, None] * hb64[:, None, kk, :]
-                           + ha64[:, :, kk, None] * lb[:, None, kk, :]).float()
+        prod = lambda ks: (la[:, :, ks, None] * hb64[:, None, ks, :]
+                           + ha64[:, :, ks, None] * lb[:, None, ks, :]).float()
     else:
-        prod = lambda kk: aq[:, :, kk, None] * bq[:, None, kk, :]
-    total = torch.zeros(bsz, rows, bq.shape[-1], dtype=torch.float32, device=a.device)
-    for start in range(0, k, spec.acc_block):
-        block = torch.zeros_like(total)
-        for kk in range(start, min(k, start + spec.acc_block)):
-            block += prod(kk)
-        total = quantize(total + block, spec.acc)
-    return total
+        prod = lambda ks: aq[:, :, ks, None] * bq[:, None, ks, :]
+    out = torch.zeros(bsz, rows, n, dtype=torch.float32, device=a.device)
+    state = Accumulator(spec, out, init, within_block)
+    step = max(1, REFERENCE_CHUNK // max(1, bsz * rows * n))
+    for k0 in range(0, k, step):
+        state.add(prod(slice(k0, min(k, k0 + step))), 2)
+    return state.result()
 
 
-def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
-    """[B, M, K] x [B, K, N] -> [B, M, N] float32 by the decompositions above."""
+def decompose_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, init: Optional[torch.Tensor] = None,
+                     within_block: bool = False) -> torch.Tensor:
+    """[B, M, K] x [B, K, N] -> [B, M, N] float32 by the decompositions above (``init`` and
+    ``within_block``: the ``acc=<format>`` state, as in :func:`lmul.kernels.reference.reference_matmul`)."""
     a = a.detach()
     b = b.detach()
     aq = quantize(a, spec.fmt, spec.rounding)
     bq = quantize(b, spec.fmt, spec.rounding)
     m = spec.fmt.man_bits
     if spec.acc is not None:
-        out = _acc_matmul(a, b, aq, bq, spec)
+        out = _acc_matmul(a, b, aq, bq, spec, init, within_block)
         top = _carry_top(spec) if spec.mode == "bit" else None
-        return fixup(out, a, b, spec, _special(aq, -1), _special(bq, -2, top))
+        return fixup(out, a, b, spec, _special(aq, -1), _special(bq, -2, top), init, within_block)
     with _no_tf32(a.device):
         if spec.mode == "exact":
             out = torch.matmul(aq, bq)

@@ -547,6 +547,7 @@ struct AccArgs {
     float* C;                                                 // [nb][M][N]
     int m, off;
     int64_t block;
+    int carry;  // 0: T and S start at +0; 1: C holds the initial T; 2: C holds the initial S (below)
 };
 
 static inline void no_fuse(vf& x) { asm("" : "+v"(x)); }  // keeps a multiply out of an FMA
@@ -635,7 +636,30 @@ static void acc_tile(const AccArgs& A, const AccQ& q, const AccM& qm, int64_t bt
     vf S[4][NA], T[4][NA], P[4][NA];
     for (int r = 0; r < 4; ++r)
         for (int v = 0; v < NA; ++v) { S[r][v] = (vf){}; T[r][v] = (vf){}; }
-    if (A.block == 1) {  // T = quantize(T + (+0 + P)) per product
+    const int64_t j0 = s * JS + h * 16 * NA;
+    const int64_t jn = std::min<int64_t>(16 * NA, A.N - j0);
+    if (A.carry) {  // the state a previous k piece left in C (rows/columns past the edge stay 0)
+        for (int r = 0; r < 4 && i0 + r < A.M; ++r) {
+            const float* crow = A.C + (bt * A.M + i0 + r) * A.N + j0;
+            float tmp[16 * NA] = {};
+            for (int64_t j = 0; j < jn; ++j) tmp[j] = crow[j];
+            std::memcpy(A.carry == 1 ? &T[r][0] : &S[r][0], tmp, sizeof(tmp));
+        }
+    }
+    if (A.carry == 2) {  // every product of this piece is in one block: S += P from the given S, no rounding
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+            const int64_t k1 = std::min(K, (kb + 1) * KB);
+            const bool fast = MODE == 2 || fastkb[kb];
+            for (int64_t kk = kb * KB; kk < k1; ++kk) {
+                if (fast) fast_products<MODE>(A, row, kk, bu, bf, P);
+                else slow_products<MODE>(A, row, kk, bu, bf, P);
+                for (int r = 0; r < 4; ++r)
+                    for (int v = 0; v < NA; ++v) S[r][v] += P[r][v];
+            }
+        }
+        for (int r = 0; r < 4; ++r)
+            for (int v = 0; v < NA; ++v) T[r][v] = S[r][v];  // stored below
+    } else if (A.block == 1) {  // T = quantize(T + (+0 + P)) per product
         for (int64_t kb = 0; kb < nkb; ++kb) {
             const int64_t k1 = std::min(K, (kb + 1) * KB);
             const bool fast = MODE == 2 || fastkb[kb];
@@ -685,8 +709,6 @@ static void acc_tile(const AccArgs& A, const AccQ& q, const AccM& qm, int64_t bt
             k = e;
         }
     }
-    const int64_t j0 = s * JS + h * 16 * NA;
-    const int64_t jn = std::min<int64_t>(16 * NA, A.N - j0);
     for (int r = 0; r < 4 && i0 + r < A.M; ++r) {
         float* crow = A.C + (bt * A.M + i0 + r) * A.N + j0;
         float tmp[16 * NA];
@@ -735,11 +757,16 @@ extern "C" {
 // C [nb][M][N] = L-Matmul with reduced-precision accumulation (see above). mode 0 bit: au = ia,
 // nz, rows_pad rows per batch (lmul_prep_bit_a/b); 1 formula: au = L, af = ah, nz unused;
 // 2 exact: af = X (rows_pad = M), au, nz and the exponent ranges unused.
+// carry (a k piece of a longer sum, cut at a block boundary): 0 none; 1 C holds the running sum T
+// the products continue (blocks start at k = 0 here); 2 the piece lies inside one block whose
+// float32 sum so far is in C: the products are added to it in order, nothing is rounded to the
+// accumulator format, and C gets that block sum.
 void lmul_acc_matmul(int mode, const uint32_t* au, const float* af, const uint8_t* nz, const int16_t* afmn,
                      const int16_t* afmx, int64_t nb, int64_t rows_pad, int64_t M, int64_t K, const uint32_t* bu,
                      const float* bf, const int16_t* bfmn, const int16_t* bfmx, int64_t ns, int64_t N, float* C,
-                     int m, int off, int64_t block, const QParams* accp, int nt) {
-    const AccArgs A{mode, au, af, nz, afmn, afmx, nb, rows_pad, M, K, bu, bf, bfmn, bfmx, ns, N, C, m, off, block};
+                     int m, int off, int64_t block, const QParams* accp, int nt, int carry) {
+    const AccArgs A{mode, au, af, nz, afmn, afmx, nb, rows_pad, M, K, bu, bf, bfmn, bfmx, ns, N, C, m, off, block,
+                    carry};
     const AccQ q = acc_params(*accp);
     const AccM qm = magic_params(*accp);
     const bool inf = accp->has_inf != 0, magic = magic_ok(*accp);
