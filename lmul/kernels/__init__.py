@@ -33,10 +33,11 @@ from typing import Optional
 
 import torch
 
+from lmul.formats import Format
 from lmul.kernels import cpu_ext, decompose, reference, triton_lmul, triton_tc
 from lmul.spec import LMulSpec
 
-__all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "OPS", "select", "backends", "get"]
+__all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "OPS", "SCALED_BACKENDS", "select", "backends", "get"]
 
 OPS: tuple[str, ...] = ("matmul", "mul", "quantize")
 
@@ -86,6 +87,19 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 
 _BY_KEY = {(b.op, b.name): b for b in BACKENDS}
 
+# matmul backends that run scaled specs (lmul.scaling): the reference plainly, cpu/decompose as their
+# unscaled kernel on wide operands (so they are asked about the wide spec e8m<m>)
+SCALED_BACKENDS: tuple[str, ...] = ("reference", "cpu", "decompose")
+
+
+def _unavailable(entry: Backend, x: torch.Tensor, spec: LMulSpec) -> Optional[str]:
+    if spec.scaling != "none":
+        if entry.name not in SCALED_BACKENDS:
+            return (f"scaling={spec.scaling!r} is implemented by the {', '.join(SCALED_BACKENDS)} backends only "
+                    f"({entry.name} has no scaled kernel)")
+        spec = spec.replace(fmt=Format(8, spec.fmt.man_bits), scaling="none")
+    return entry.unavailable(x, spec)
+
 
 def get(op: str, name: str) -> Backend:
     """The entry ``name`` of operation ``op`` (ValueError naming the known ones)."""
@@ -104,17 +118,20 @@ def select(op: str, x: torch.Tensor, spec: LMulSpec, backend: Optional[str] = No
     ``"auto"`` the first available entry of :data:`AUTO_ORDER`. For ``mul``/``quantize`` a named
     backend without an entry for that operation (``"decompose"``, ``"triton"``) means ``"auto"``."""
     name = spec.backend if backend is None else backend
+    if spec.scaling != "none" and op != "matmul":
+        raise ValueError(f"scaling={spec.scaling!r} applies to lmul.matmul only (its scale groups run along K); "
+                         f"{op} takes specs with scaling='none' (spec.replace(scaling='none'))")
     if name != "auto" and op != "matmul" and (op, name) not in _BY_KEY and ("matmul", name) in _BY_KEY:
         name = "auto"
     if name != "auto":
         entry = get(op, name)
-        why = entry.unavailable(x, spec)
+        why = _unavailable(entry, x, spec)
         if why:
             raise RuntimeError(f"backend {name!r} cannot run this {op}: {why}")
         return entry
     for candidate in AUTO_ORDER[op]:
         entry = _BY_KEY[(op, candidate)]
-        if not entry.unavailable(x, spec):
+        if not _unavailable(entry, x, spec):
             return entry
     return _BY_KEY[(op, "reference")]
 

@@ -1,0 +1,279 @@
+"""Scaled operands: L-Mul on fp8/fp4 as it is really run, with power-of-two scales per group.
+
+A scaled L-Matmul (``LMulSpec.scaling``, ``docs/semantics.md`` section 7) quantizes each operand in
+groups that share one power-of-two scale ``X = 2^s``:
+
+* ``"tensor"``: one group per operand (torchao float8 ``tensorwise``);
+* ``"row"``: one group per row of A and per column of B, along K (torchao ``rowwise``);
+* ``"block"``: A in 1 x 128 tiles along K, B in 128 x 128 blocks (k, n) (DeepSeek-V3, arXiv:2412.19437);
+* ``"mx"``: 32 consecutive elements along K, per row of A / column of B (OCP MX v1.0, E8M0 scales).
+
+A ragged last group (K, or N for B's blocks, not a multiple of the group size) is its own smaller
+group, as in torchao and the MX spec. The scale exponent ``s`` of a group with ``amax = max |x|``:
+
+* ``"mx"`` (OCP MX v1.0 section 6.3, torchao ``to_mx`` FLOOR): ``s = floor(log2(amax)) - emax_elem``,
+  clamped to E8M0's ``[-127, 127]``; ``emax_elem = fmt.emax`` (e4m3 8, e5m2 15, fp4 2);
+* ``"tensor"``, ``"row"``, ``"block"`` (torchao ``amax_to_scale`` with ``round_scales_to_power_of_2``):
+  torchao's multiplier ``r = fl32(fmt.max / max(amax, 1e-12))`` (float64 division, one rounding to
+  float32) rounded down to a power of two, ``2^floor(log2 r)``; ``s = -floor(log2 r)``, clamped to
+  ``[-127, 127]`` (reached only by float64 inputs beyond float32's range). ``floor(log2 r)`` is taken
+  exactly (from the float32 exponent of ``r``; torchao's float32 ``torch.log2`` can round an ``r``
+  within an ulp below ``2^k`` up to ``k``, ``|k| >= 2``, where that group's maximum then saturates);
+* an all-zero group has ``s = 0`` (``X = 1``; torchao stores 2^48 / 2^-127 there: every element is
+  0 either way); a group holding NaN or ±inf has ``X = NaN`` (MX's E8M0 NaN) and all its elements
+  are NaN.
+
+The elements are ``q = quantize(x 2^-s, fmt, rounding)``, saturating to ``±fmt.max`` (torchao's
+``to_fp8_saturated``, MX's conversion). The scaled product of two elements is
+``fl32(2^(sa + sb) L-Mul(qa, qb))`` and the L-Matmul sums those (float32 accumulation: any order,
+float64 on the reference; ``acc=<fmt>``: section 4's order on the scaled products).
+
+Fast path (``cpu``, ``decompose``): a power-of-two scale moves only exponents, so with
+``w = q X`` held in the wide format ``e8m<m>`` (float32's exponent range, the element's mantissa),
+``L-Mul_e8m(wa, wb) = 2^(sa + sb) L-Mul_fmt(qa, qb)`` exactly in bit, formula and exact mode when no
+nonzero ``w`` leaves e8m's normal range; elements subnormal in ``fmt`` (flushed in bit/formula mode)
+enter as signed zeros. The unscaled kernels then compute the scaled L-Matmul (fp32 and ``acc=``
+alike) at their own speed; an operand with a ``w`` out of range sends the call to the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from lmul.formats import Format, FormatLike, pow2
+from lmul.kernels.reference import REFERENCE_CHUNK, Accumulator
+from lmul.ops import products
+from lmul.spec import SCALINGS, LMulSpec
+
+__all__ = ["SCALINGS", "GROUP", "SCALE_EXP_MIN", "SCALE_EXP_MAX", "TORCHAO_EPS", "Operand", "scale_exponents",
+           "scaled_quantize", "wide_format", "wide_spec", "scaled_matmul", "reference_scaled_matmul"]
+
+Operand = Literal["a", "b"]
+GROUP = {"mx": 32, "block": 128}  # elements along K per scale (block: B's blocks are also 128 along N)
+SCALE_EXP_MIN, SCALE_EXP_MAX = -127, 127  # E8M0's exponent range, for every scaling
+TORCHAO_EPS = 1e-12  # torchao.float8.float8_utils.EPS: amax below this is clamped to it
+
+
+def _check(x: torch.Tensor, fmt: FormatLike, scaling: str, operand: str) -> Format:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+    if not isinstance(scaling, str) or scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got scaling={scaling!r}")
+    if operand not in ("a", "b"):
+        raise ValueError(f"operand must be 'a' (left, [..., M, K]) or 'b' (right, [..., K, N]), got {operand!r}")
+    if x.dim() < 2:
+        raise ValueError(f"a scaled operand has at least 2 dims ([..., M, K] or [..., K, N]), got shape {tuple(x.shape)}")
+    return LMulSpec(fmt, "exact", scaling=scaling).fmt  # validates fmt for scaling (at most 6 exponent bits)
+
+
+def _grouped(x: torch.Tensor, scaling: str, operand: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``x`` as [..., Rb, r, G, g]: rows (of A, or columns of B) in Rb groups of r, K in G groups of g,
+    zero-padded where ragged (zeros never change a group's amax)."""
+    xt = x if operand == "a" else x.transpose(-1, -2)  # [..., R, K]: K last
+    rows, k = xt.shape[-2:]
+    if scaling == "none":
+        r, g = rows, k  # one group, never used for scales
+    elif scaling == "tensor":
+        r, g = max(rows, 1), max(k, 1)
+    elif scaling == "row":
+        r, g = 1, max(k, 1)
+    else:
+        g = GROUP[scaling]
+        r = g if (scaling == "block" and operand == "b") else 1
+    rb, gk = -(-rows // r), -(-k // g)
+    if (rb * r, gk * g) != (rows, k):
+        xt = torch.nn.functional.pad(xt, (0, gk * g - k, 0, rb * r - rows))
+    return xt.reshape(*xt.shape[:-2], rb, r, gk, g), (rows, k)
+
+
+def _exponents(amax: torch.Tensor, fmt: Format, scaling: str) -> torch.Tensor:
+    """float32 scale ``X = 2^s`` per group from its float64 ``amax`` (NaN where amax is inf/NaN)."""
+    finite = torch.isfinite(amax)
+    if scaling == "mx":
+        e = torch.frexp(torch.where(finite & (amax > 0), amax, 1.0)).exponent - 1   # floor(log2 amax), exact
+        s = e - fmt.emax
+    else:
+        r64 = fmt.max / torch.where(finite, amax, 1.0).clamp(min=TORCHAO_EPS)
+        r32 = r64.float().double()                                     # torchao's float32 multiplier
+        r = torch.where(r32 >= 2.0**-126, r32, r64)                    # float64 inputs beyond float32's range
+        s = -(torch.frexp(r).exponent - 1)                             # -floor(log2 r), exact
+    s = torch.where(amax > 0, s.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX), 0)
+    x = pow2(s, torch.float32)
+    return torch.where(finite, x, torch.nan)
+
+
+def _scales_grouped(xv: torch.Tensor, fmt: Format, scaling: str) -> torch.Tensor:
+    """The scales of grouped ``xv`` [..., Rb, r, G, g], shaped [..., Rb, 1, G, 1] (tensor: all ones dims)."""
+    mag = xv.detach().abs()
+    if scaling == "tensor":
+        amax = mag.amax() if mag.numel() else mag.new_zeros(())
+        amax = amax.reshape((1,) * xv.dim())
+    else:
+        amax = mag.amax(dim=(-3, -1), keepdim=True) if mag.numel() else mag.new_zeros(
+            (*xv.shape[:-3], xv.shape[-4], 1, xv.shape[-2], 1))
+    return _exponents(amax.double(), fmt, scaling)
+
+
+def _compact(scales: torch.Tensor, scaling: str, operand: str) -> torch.Tensor:
+    """Group scales [..., Rb, 1, G, 1] in the operand's own layout: A [..., M, G] (row: G = 1), B
+    [..., G, N] (block: [..., G, Nb]); tensor: a 0-dim tensor."""
+    if scaling == "tensor":
+        return scales.reshape(())
+    s = scales.squeeze(-1).squeeze(-2)  # [..., Rb, G]
+    return s if operand == "a" else s.transpose(-1, -2)
+
+
+def _ungroup(v: torch.Tensor, size: tuple[int, int], operand: str) -> torch.Tensor:
+    rb, r, gk, g = v.shape[-4:]
+    v = v.reshape(*v.shape[:-4], rb * r, gk * g)[..., :size[0], :size[1]]
+    return v if operand == "a" else v.transpose(-1, -2)
+
+
+def scale_exponents(x: torch.Tensor, fmt: FormatLike, scaling: str, operand: Operand = "a") -> torch.Tensor:
+    """The group scales ``X = 2^s`` (float32, NaN for a group holding NaN/inf) of operand ``x``:
+    ``operand="a"`` for a left operand [..., M, K] (groups along K within a row), ``"b"`` for a
+    right operand [..., K, N] (along K within a column). Layout: A [..., M, G], B [..., G, N]
+    (block: [..., G, ceil(N/128)]); ``"tensor"``: 0-dim; ``"row"``: G = 1. Rules: module docstring."""
+    f = _check(x, fmt, scaling, operand)
+    if scaling == "none":
+        raise ValueError("scaling='none' has no scales")
+    xv, _ = _grouped(x, scaling, operand)
+    return _compact(_scales_grouped(xv, f, scaling), scaling, operand)
+
+
+def scaled_quantize(x: torch.Tensor, fmt: FormatLike, scaling: str, operand: Operand = "a",
+                    rounding: str = "rne") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, X)``: the elements ``q = quantize(x / X, fmt, rounding)`` (float32, saturating; NaN in a
+    NaN group) with ``x``'s shape, and the group scales ``X`` of :func:`scale_exponents` (so
+    ``x ~ q * X`` broadcast per group). Compare with torchao: ``q`` is the float8 data of
+    ``hp_tensor * scale`` (``X = 1 / scale``) or ``to_mx``'s elements (``X`` its E8M0 scale)."""
+    f = _check(x, fmt, scaling, operand)
+    if rounding not in ("rne", "trunc"):
+        raise ValueError(f"rounding must be 'rne' or 'trunc', got rounding={rounding!r}")
+    if scaling == "none":
+        raise ValueError("scaling='none': use lmul.quantize")
+    q, _, scales = _scaled(x, f, scaling, operand, rounding)
+    return q, scales
+
+
+def _quantize(x: torch.Tensor, fmt: Format, rounding: str) -> torch.Tensor:
+    from lmul import kernels  # the fused quantizer where it runs (float32 CPU, large): same bits
+
+    spec = LMulSpec(fmt, "exact", rounding=rounding)
+    return kernels.select("quantize", x, spec).fn(x, spec)
+
+
+def _scaled(x: torch.Tensor, fmt: Format, scaling: str, operand: str, rounding: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Elements q, per-element scales (both [...] like x, float32) and the compact group scales."""
+    src = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xv, size = _grouped(x.detach().to(src), scaling, operand)
+    scales = _scales_grouped(xv, fmt, scaling)
+    # x 2^-s: exact in float32 except below 2^-126, where any E <= 6 format rounds to zero anyway
+    y = xv * (1.0 / scales).to(src)
+    q = _quantize(y.reshape(-1) if src == torch.float32 else y, fmt, rounding).reshape(y.shape)
+    per = scales.expand(xv.shape)
+    return _ungroup(q, size, operand), _ungroup(per, size, operand), _compact(scales, scaling, operand)
+
+
+def wide_format(fmt: FormatLike) -> Format:
+    """``e8m<m>``: float32's exponent range with ``fmt``'s mantissa, which holds every scaled element
+    ``q 2^s`` of a normal ``q`` exactly (while ``2^-126 <= |q 2^s| <= max``)."""
+    return Format(8, Format.parse(fmt).man_bits)
+
+
+def wide_spec(spec: LMulSpec) -> LMulSpec:
+    """The unscaled spec on wide operands that computes ``spec``'s scaled products (module docstring)."""
+    return spec.replace(fmt=wide_format(spec.fmt), scaling="none")
+
+
+def _out(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    from lmul.matmul import _out_shape
+
+    return _out_shape(a.shape, b.shape)
+
+
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
+    """The scaled L-Matmul of validated operands (``lmul.matmul`` with ``spec.scaling != "none"``):
+    ``C = sum_k fl32(2^(sa + sb) L-Mul(qa_k, qb_k))`` per ``docs/semantics.md`` section 7. The
+    reference backend computes it plainly (:func:`reference_scaled_matmul`); ``cpu``/``decompose``
+    run the unscaled kernel on the wide operands ``q X`` (:func:`wide_spec`), or the reference
+    where a wide operand would leave e8m's normal range."""
+    from lmul import kernels
+    from lmul.matmul import _matmul
+
+    shape = _out(a, b)
+    a2 = a.unsqueeze(0) if a.dim() == 1 else a
+    b2 = b.unsqueeze(-1) if b.dim() == 1 else b
+    if 0 in a2.shape or 0 in b2.shape:
+        return torch.zeros(shape, dtype=torch.float32, device=a.device)
+    qa, xa, _ = _scaled(a2, spec.fmt, spec.scaling, "a", spec.rounding)
+    qb, xb, _ = _scaled(b2, spec.fmt, spec.scaling, "b", spec.rounding)
+    entry = kernels.select("matmul", a, spec)
+    if entry.name != "reference":
+        wide = wide_spec(spec)
+        wa, bad_a = _widen(qa, xa, spec)
+        wb, bad_b = _widen(qb, xb, spec)
+        if not (bool(bad_a.any()) or bool(bad_b.any())):
+            return _matmul(wa, wb, wide.replace(backend=entry.name)).reshape(shape)
+    return _reference_broadcast(qa, xa, qb, xb, spec).reshape(shape)
+
+
+def _widen(q: torch.Tensor, x: torch.Tensor, spec: LMulSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w = q X`` (float32; signed zero for fmt-subnormal q in bit/formula mode) and where a nonzero
+    finite-scaled ``w`` is not a normal value of the wide format (those need the reference)."""
+    fmt = spec.fmt
+    if spec.mode != "exact":
+        q = torch.where(q.abs() < fmt.min_normal, q * 0.0, q)  # flushed by L-Mul anyway; keeps the sign
+    w = q * x
+    mag = w.abs()
+    wide = wide_format(fmt)
+    ok = (mag >= wide.min_normal) & (mag <= wide.max)
+    bad = (q != 0) & torch.isfinite(x) & torch.isfinite(q) & ~ok
+    return w, bad
+
+
+def _reference_broadcast(qa: torch.Tensor, xa: torch.Tensor, qb: torch.Tensor, xb: torch.Tensor,
+                         spec: LMulSpec) -> torch.Tensor:
+    from lmul.matmul import _shapes
+
+    batch, m, k, n = _shapes(qa.shape, qb.shape)
+    nb = math.prod(batch)
+    fa = lambda t: t.expand(*batch, m, k).reshape(nb, m, k)  # noqa: E731
+    fb = lambda t: t.expand(*batch, k, n).reshape(nb, k, n)  # noqa: E731
+    return reference_scaled_matmul(fa(qa), fa(xa), fb(qb), fb(xb), spec)
+
+
+def reference_scaled_matmul(qa: torch.Tensor, xa: torch.Tensor, qb: torch.Tensor, xb: torch.Tensor,
+                            spec: LMulSpec) -> torch.Tensor:
+    """The oracle: [B, M, K] elements ``qa`` with per-element scales ``xa`` times [B, K, N] ``qb``,
+    ``xb`` -> [B, M, N]. Terms ``T_k = fl32(P(qa_ik, qb_kj) * xa_ik * xb_kj)`` (the product of two
+    powers of two and a float32 is exact in float64; one rounding); ``acc=None``: their float64 sum
+    rounded once; ``acc=<fmt>``: section 4's order on the ``T_k`` (:class:`Accumulator`). At most
+    :data:`~lmul.kernels.reference.REFERENCE_CHUNK` terms at a time."""
+    bsz, m, k = qa.shape
+    n = qb.shape[-1]
+    out = torch.zeros(bsz, m, n, dtype=torch.float32, device=qa.device)
+    if 0 in (bsz, m, n, k):
+        return out
+    k_step = max(1, min(k, REFERENCE_CHUNK // n))
+    rows = max(1, min(m, REFERENCE_CHUNK // (n * k_step)))
+    for bi in range(bsz):
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            acc64 = torch.zeros(r1 - r0, n, dtype=torch.float64, device=qa.device)
+            state = Accumulator(spec, acc64) if spec.acc is not None else None
+            for k0 in range(0, k, k_step):
+                k1 = min(k, k0 + k_step)
+                p = products(qa[bi, r0:r1, k0:k1, None], qb[bi, None, k0:k1, :], spec.fmt, spec.mode, spec.offset)
+                sc = xa[bi, r0:r1, k0:k1, None].double() * xb[bi, None, k0:k1, :].double()
+                t = (p.double() * sc).float()  # [rows, k_step, N]
+                if state is None:
+                    acc64 += t.double().sum(1)
+                else:
+                    state.add(t, 1)
+            out[bi, r0:r1] = acc64.float() if state is None else state.result()
+    return out
