@@ -116,8 +116,8 @@ def mul(
     >>> mul(torch.tensor(3.0), torch.tensor(4.0))  # (1.5 + 0 + 1/16) * 2^3
     tensor(12.5000)
     """
-    check_float(x, "x")
-    check_float(y, "y")
+    x = check_float(x, "x")  # float8 -> float32 (exact); sparse / nested refused
+    y = check_float(y, "y")
     check_devices("mul", x, y)
     if isinstance(fmt, LMulSpec):
         spec, fmt = (fmt if spec is None else spec), "bf16"
@@ -146,7 +146,7 @@ def quantize(
     """Round ``x`` to the nearest value of ``fmt`` and return it as float32 (:func:`lmul.formats.quantize`,
     the contract and the torch implementation), on the fastest available backend for saturating
     overflow (the compiled CPU quantizer for large float32 CPU tensors), else in torch ops."""
-    check_float(x, "x")
+    x = check_float(x, "x")
     if overflow != "saturate":
         return _quantize_formats(x, fmt, rounding, overflow)
     spec = resolve_spec(fmt=fmt, rounding=rounding, mode="exact", backend=backend)

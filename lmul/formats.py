@@ -159,13 +159,32 @@ _DTYPES = {
 }
 
 
+_WIDE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # computed on directly
+
+
 def check_float(x: torch.Tensor, what: str = "input") -> torch.Tensor:
-    """Raise a clear error for non-tensors and non-floating dtypes."""
+    """``x`` as an operand: a dense (``torch.strided``, not nested) tensor of a floating dtype.
+
+    float16, bfloat16, float32 and float64 are returned unchanged; the float8 dtypes
+    (``float8_e4m3fn``, ``float8_e5m2``, their ``fnuz`` variants, ``float8_e8m0fnu``) are returned
+    converted to float32, which is exact (every float8 value is a float32 value). Non-tensors,
+    non-floating or packed dtypes (``float4_e2m1fn_x2``), sparse layouts and nested tensors raise
+    ``TypeError`` naming ``what`` and the problem."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"{what} is a nested tensor (layout {x.layout}); lmul takes dense tensors "
+                        "(pad it with torch.nested.to_padded_tensor or unbind it)")
+    if x.layout != torch.strided:
+        raise TypeError(f"{what} has layout {x.layout}; lmul takes dense (torch.strided) tensors (use .to_dense())")
     if not x.is_floating_point():
         raise TypeError(f"{what} must have a floating dtype, got {x.dtype}")
-    return x
+    if x.dtype in _WIDE:
+        return x
+    if x.dtype.itemsize == 1 and str(x.dtype).startswith("torch.float8_"):
+        return x.to(torch.float32)  # exact
+    raise TypeError(f"{what} has dtype {x.dtype}, which lmul does not take: use float16, bfloat16, float32, "
+                    "float64 or a float8 dtype (unpack packed formats to float32 first)")
 
 
 def check_devices(what: str, *tensors: torch.Tensor) -> None:
@@ -215,7 +234,7 @@ def quantize(
     :func:`lmul.quantize` is the same function on the fastest backend (``lmul.backends()``).
     """
     fmt = Format.parse(fmt)
-    check_float(x)
+    x = check_float(x, "x")
     if not isinstance(rounding, str) or rounding not in ("rne", "trunc"):
         raise ValueError(f"rounding must be 'rne' or 'trunc', got rounding={rounding!r}")
     if not isinstance(overflow, str) or overflow not in ("saturate", "ieee"):

@@ -237,8 +237,8 @@ def matmul(
     (``spec=``, or in place of ``fmt``). ``backend`` is ``"auto"`` or a name of :func:`lmul.backends`.
     Gradients (when an operand requires them) are the straight-through ones of :mod:`lmul.autograd`.
     """
-    check_float(a, "a")
-    check_float(b, "b")
+    a = check_float(a, "a")  # float8 -> float32 (exact); sparse / nested refused
+    b = check_float(b, "b")
     check_devices("matmul", a, b)
     if isinstance(fmt, LMulSpec):
         spec, fmt = (fmt if spec is None else spec), "bf16"

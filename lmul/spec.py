@@ -40,6 +40,7 @@ BACKWARDS: tuple[str, ...] = ("exact", "same")  # the gradient's products: lmul.
 
 # The one preset table: name -> (LMulSpec keyword arguments, patch scope). The evaluation arms, the
 # `--arms` / `--preset` vocabulary and docs/patching.md's table all come from here.
+ACC_BLOCK_MAX = 2**63 - 1  # the largest acc_block: the compiled kernels take it as an int64
 ACC_BLOCK_T6 = 128  # Table 6 arms: the accumulator reading chosen from the measurements in docs/finetune.md
 PRESETS: dict[str, tuple[dict, str]] = {
     "exact": (dict(fmt="fp32", mode="exact"), "none"),                      # the unchanged model
@@ -89,9 +90,9 @@ class LMulSpec:
     Fields accept the usual spellings (a format name, a torch dtype or a :class:`Format`; ``acc``
     ``"fp32"`` or ``None`` for float32 accumulation) and are stored resolved: ``fmt`` and ``acc`` as
     :class:`Format` (``acc=None`` for float32), ``offset`` as the float ``c`` (``2^-l(m)`` when not
-    given; ``0 <= c < 1``, a multiple of ``2^-m`` in ``bit`` mode). ``acc_block``: products summed in
-    float32 per accumulator rounding (``docs/semantics.md`` section 4). Invalid fields raise
-    ``ValueError`` naming the field and what is allowed.
+    given; ``0 <= c <= 1``, a multiple of ``2^-m`` in ``bit`` mode). ``acc_block``: products summed in
+    float32 per accumulator rounding, ``1 <= acc_block <= 2^63 - 1`` (``docs/semantics.md`` section 4).
+    Invalid fields raise ``ValueError`` naming the field and what is allowed.
     """
 
     fmt: Format = field(default=BF16, metadata=dict(help="operand format: e4m3, e5m2, bf16, fp16, fp32 or eXmY"))
@@ -117,8 +118,10 @@ class LMulSpec:
         set_("offset", _resolve_offset(fmt, mode, self.offset))
         acc = None if self.acc is None else _format("acc", self.acc)
         set_("acc", None if acc == FP32 else acc)
-        if isinstance(self.acc_block, bool) or not isinstance(self.acc_block, numbers.Integral) or self.acc_block < 1:
-            raise ValueError(f"acc_block must be a positive int, got acc_block={self.acc_block!r}")
+        if (isinstance(self.acc_block, bool) or not isinstance(self.acc_block, numbers.Integral)
+                or not 1 <= self.acc_block <= ACC_BLOCK_MAX):
+            raise ValueError(f"acc_block must be an int with 1 <= acc_block <= 2^63 - 1 (the compiled kernels' "
+                             f"int64; any value >= K means one block), got acc_block={self.acc_block!r}")
         set_("acc_block", int(self.acc_block))
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend must be a backend name or 'auto', got backend={self.backend!r}")
@@ -221,8 +224,9 @@ def _shown(value: Any) -> str:
 def resolve_offset(fmt: FormatLike, mode: str = "bit", offset: Optional[float] = None) -> float:
     """The offset ``c`` used for ``fmt``: ``2^-l(m)`` unless ``offset`` overrides it.
 
-    ``offset`` must be finite with ``0 <= offset < 1``; in ``bit`` mode ``offset 2^m`` must be an
-    integer (the offset is added to the m-bit mantissa field)."""
+    ``offset`` must be finite with ``0 <= offset <= 1`` (the paper's ``c = 2^-l`` with ``l >= 0``; the
+    default for ``m = 0`` is ``c = 2^0 = 1``); in ``bit`` mode ``offset 2^m`` must be an integer (the
+    offset is added to the m-bit mantissa field; for ``m = 0``: ``offset`` is 0 or 1)."""
     return _resolve_offset(_format("fmt", fmt), _choice("mode", mode, MODES), offset)
 
 
@@ -232,8 +236,8 @@ def _resolve_offset(fmt: Format, mode: str, offset: Any) -> float:
     if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
         raise ValueError(f"offset must be a number (or None for 2^-l(m)), got offset={offset!r}")
     offset = float(offset)
-    if not math.isfinite(offset) or not 0.0 <= offset < 1.0:
-        raise ValueError(f"offset must be a finite number with 0 <= offset < 1, got offset={offset!r}")
+    if not math.isfinite(offset) or not 0.0 <= offset <= 1.0:
+        raise ValueError(f"offset must be a finite number with 0 <= offset <= 1, got offset={offset!r}")
     scaled = offset * 2**fmt.man_bits
     if mode == "bit" and scaled != int(scaled):
         raise ValueError(

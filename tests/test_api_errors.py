@@ -54,7 +54,64 @@ CASES = [
     ("config scope", lambda: LMulConfig(scope="mlp"), ValueError, "scope='mlp'"),
     ("spec unknown name", lambda: lmul.LMulSpec.from_name("lmul-k9"), ValueError, "unknown spec 'lmul-k9'"),
     ("patch not a module", lambda: lmul.patch(object(), "lmul"), TypeError, "needs a torch.nn.Module"),
+    # issue 24: integers the compiled kernels take as int64 must not wrap, the offset rule is 0 <= c <= 1
+    ("matmul acc_block 2^64+3", lambda: lmul.matmul(m, m.t(), "e4m3", acc="e4m3", acc_block=2**64 + 3), ValueError,
+     "1 <= acc_block <= 2\\^63 - 1.*acc_block=18446744073709551619"),
+    ("matmul acc_block 2^63", lambda: lmul.matmul(m, m.t(), acc="e4m3", acc_block=2**63), ValueError,
+     "acc_block=9223372036854775808"),
+    ("spec acc_block 2^64+3", lambda: lmul.LMulSpec(acc="e4m3", acc_block=2**64 + 3), ValueError, "acc_block="),
+    ("mul offset above 1", lambda: lmul.mul(x, x, offset=1.5), ValueError, "0 <= offset <= 1, got offset=1.5"),
+    ("mul m=0 offset not 0 or 1", lambda: lmul.mul(x, x, "e4m0", offset=0.5), ValueError,
+     "not a multiple of 2\\^-0"),
 ]
+
+# issue 24: layouts lmul does not take are refused by name, for every public entry and either operand
+_DENSE = torch.ones(4, 4)
+_LAYOUTS = {
+    "sparse_coo": lambda: _DENSE.to_sparse(),
+    "sparse_csr": lambda: _DENSE.to_sparse_csr(),
+    "sparse_csc": lambda: _DENSE.to_sparse_csc(),
+    "sparse_bsr": lambda: _DENSE.to_sparse_bsr((2, 2)),
+    "sparse_bsc": lambda: _DENSE.to_sparse_bsc((2, 2)),
+}
+_ENTRIES = {
+    "quantize": lambda t: lmul.quantize(t, "e4m3"),
+    "quantize ieee": lambda t: lmul.quantize(t, "e4m3", overflow="ieee"),
+    "formats.quantize": lambda t: lmul.formats.quantize(t, "e4m3"),
+    "mul x": lambda t: lmul.mul(t, _DENSE),
+    "mul y": lambda t: lmul.mul(_DENSE, t, backend="reference"),
+    "matmul a": lambda t: lmul.matmul(t, _DENSE),
+    "matmul b": lambda t: lmul.matmul(_DENSE, t, "e4m3", backend="decompose"),
+    "matmul b reference": lambda t: lmul.matmul(_DENSE, t, backend="reference"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("entry", sorted(_ENTRIES))
+def test_sparse_layouts_are_refused_by_name(entry, layout):
+    with pytest.raises(TypeError, match=f"has layout torch.{layout}; lmul takes dense"):
+        _ENTRIES[entry](_LAYOUTS[layout]())
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.parametrize("entry", sorted(_ENTRIES))
+def test_nested_tensors_are_refused(entry, layout):
+    nested = torch.nested.nested_tensor([torch.ones(2, 4), torch.ones(3, 4)], layout=layout)
+    with pytest.raises(TypeError, match="is a nested tensor"):
+        _ENTRIES[entry](nested)
+
+
+def test_packed_float4_is_refused_by_dtype():
+    packed = torch.zeros(4, 4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    for entry in _ENTRIES.values():
+        with pytest.raises(TypeError, match="dtype torch.float4_e2m1fn_x2"):
+            entry(packed)
+
+
+def test_layout_error_comes_before_any_work():
+    """Bad layout with other bad arguments: the operand is named first, nothing runs."""
+    with pytest.raises(TypeError, match="a has layout torch.sparse_coo"):
+        lmul.matmul(_DENSE.to_sparse(), _DENSE, acc_block=2**64)
 
 
 @pytest.mark.parametrize("call,error,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -170,10 +170,12 @@ def test_errors():
     with pytest.raises(ValueError, match="multiple of 2\\^-3"):
         mul(one, one, "e4m3", "bit", offset=0.1)
     mul(one, one, "e4m3", "formula", offset=0.1)  # any offset is fine in formula mode
-    with pytest.raises(ValueError, match="0 <= offset < 1"):
+    with pytest.raises(ValueError, match="0 <= offset <= 1"):
         mul(one, one, offset=-0.5)
-    with pytest.raises(ValueError, match="0 <= offset < 1"):
+    with pytest.raises(ValueError, match="0 <= offset <= 1"):
         mul(one, one, offset=math.nan)
+    with pytest.raises(ValueError, match="0 <= offset <= 1"):
+        mul(one, one, offset=1.0 + 2.0**-7)
     with pytest.raises(ValueError, match="mode"):
         mul(one, one, mode="approx")
     with pytest.raises(ValueError, match="do not broadcast"):

@@ -68,7 +68,7 @@ def test_name_examples():
     (dict(offset="0.5"), ValueError, "offset='0.5'"),
     (dict(offset=True), ValueError, "offset=True"),
     (dict(offset=float("nan")), ValueError, "offset=nan"),
-    (dict(offset=1.0), ValueError, "0 <= offset < 1"),
+    (dict(offset=1.5), ValueError, "0 <= offset <= 1"),  # c = 1 is allowed: the default for m = 0
     (dict(offset=0.3), ValueError, "not a multiple of 2\\^-7"),
     (dict(mode="exact", offset=0.0625), ValueError, "offset=0.0625 has no effect"),
     (dict(acc="e4"), ValueError, "acc='e4'"),

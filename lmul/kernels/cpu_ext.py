@@ -296,11 +296,12 @@ def _acc(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: ctypes.CDLL, ini
     if init is not None:
         out.copy_(init)
     carry = 0 if init is None else 2 if within_block else 1
+    block = min(spec.acc_block, k)  # a block >= K is one block; at most K keeps the kernel's int64 sums small
     null = ctypes.c_void_p(None)
     opt = lambda t: null if t is None else _ptr(t)  # noqa: E731
     lib.lmul_acc_matmul(MODE_CODES[spec.mode], opt(au), opt(af), opt(nz), opt(afmn), opt(afmx), i64(bsz),
                         i64(rows_pad), i64(m_rows), i64(k), _ptr(bu), _ptr(bf), _ptr(bfmn), _ptr(bfmx), i64(ns),
-                        i64(n), _ptr(out), m, off, i64(spec.acc_block), ctypes.byref(_qparams(spec.acc, "rne")), nt,
+                        i64(n), _ptr(out), m, off, i64(block), ctypes.byref(_qparams(spec.acc, "rne")), nt,
                         carry)
     return out, rowflag.bool(), colflag.bool()
 

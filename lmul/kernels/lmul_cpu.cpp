@@ -35,7 +35,10 @@ static inline uint32_t quant_bits(float x, const QParams& p) {
     const int32_t shift = std::min(23 - p.man_bits + std::max(p.emin - e, 0), 25);
     uint32_t q = sig >> shift;
     const uint32_t rem = sig - (q << shift), half = (1u << shift) >> 1;
-    const bool up = !p.trunc && shift > 0 && (rem > half || (rem == half && (q & 1u)));
+    // ties go to the even encoding: the mantissa LSB, or for m = 0 the lower neighbour's exponent
+    // field LSB (e + bias, bias = 1 - emin; its significand is the implicit 1, q is 1 or 0)
+    const uint32_t odd = p.man_bits ? q : q & (uint32_t)(e + 1 - p.emin);
+    const bool up = !p.trunc && shift > 0 && (rem > half || (rem == half && (odd & 1u)));
     q += up ? 1u : 0u;
     // q 2^(e' - m): q <= 2^24 converts exactly, the power of two (>= 2^-149) is built from
     // bits, and the product is representable, so the multiply is exact
