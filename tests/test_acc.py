@@ -397,3 +397,45 @@ def test_oversized_workspace_is_not_kept(monkeypatch):
     kept = cpu_ext._WORKSPACE.__dict__.get("bufs", {})
     assert all(t.numel() * t.element_size() <= 1 << 16 for t in kept.values()), {n: t.numel() for n, t in kept.items()}
     assert_bits(got[0], oracle(a[0], b[0], "e4m3", "bit", "e4m3", 1), "capped workspace")
+
+
+# -- the reference/decompose accumulator loop (issue 24, finding 11d) ----------------------------
+
+@pytest.mark.parametrize("acc", ["e4m3", "e5m2", "bf16", "fp16", "e3m2"])
+def test_round_acc_equals_quantize(acc):
+    """The loops' accumulator rounding (a torch cast, saturated, where the format is a torch dtype)
+    is lmul.formats.quantize (rne, saturating; bit manipulation, tested against the casts) on random
+    float32 bit patterns, the edges of the format and inf/NaN."""
+    from lmul.kernels.reference import round_acc as loop_round
+
+    fmt = Format.parse(acc)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), generator=torch.Generator().manual_seed(7), dtype=torch.int64)
+    x = bits.to(torch.int32).view(torch.float32)
+    edges = torch.tensor([fmt.max, fmt.max * (1 + 2.0**-(fmt.man_bits + 1)), fmt.max * 1.5, 3e38, fmt.min_subnormal / 2,
+                          fmt.min_subnormal * 0.75, 0.0, -0.0, float("inf"), float("nan")])
+    x = torch.cat([x, edges, -edges])
+    assert_bits(loop_round(x, fmt), quantize(x, fmt).numpy(), acc)
+
+
+@pytest.mark.parametrize("backend", ["reference", "decompose"])
+def test_accumulator_loop_has_no_per_k_quantize(monkeypatch, backend):
+    """Per k the loops do one float32 add over every output (and per block one torch cast for an
+    e4m3 accumulator): no lmul.formats.quantize call per k or per block (about 30 torch ops each, the
+    ~230 us per k of the issue); only the two operands are quantized. The bits stay the oracle's."""
+    import lmul.kernels.decompose as dec
+    import lmul.kernels.reference as ref
+
+    calls = []
+
+    def counting(x, *args, **kw):
+        calls.append(x.shape)
+        return quantize(x, *args, **kw)
+
+    monkeypatch.setattr(ref, "quantize", counting)
+    monkeypatch.setattr(dec, "quantize", counting)
+    a, b = _operands("e4m3", 4, 300, 6, seed=50)
+    for block in (1, 16):
+        calls.clear()
+        got = matmul(a, b, "e4m3", "exact", acc="e4m3", acc_block=block, backend=backend)
+        assert len(calls) <= 2, (block, calls)
+        assert_bits(got, oracle(a, b, "e4m3", "exact", "e4m3", block), f"{backend} block={block}")
