@@ -28,6 +28,7 @@ from torch import nn
 
 from lmul.config import LMulConfig
 from lmul.elementwise import mul, quantize
+from lmul.formats import check_float
 from lmul.matmul import matmul
 
 __all__ = [
@@ -154,6 +155,7 @@ class LMulLinear(nn.Module):
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_float(x, "x")  # sparse / nested x: a clear error before the reshape (float8 x: matmul converts it)
         shape = x.shape
         y = matmul(x.reshape(-1, shape[-1]), self._weight_in_out(), spec=self.config.spec)  # [N, out]
         if self.bias is not None:

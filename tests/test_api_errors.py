@@ -83,6 +83,7 @@ _ENTRIES = {
     "matmul a": lambda t: lmul.matmul(t, _DENSE),
     "matmul b": lambda t: lmul.matmul(_DENSE, t, "e4m3", backend="decompose"),
     "matmul b reference": lambda t: lmul.matmul(_DENSE, t, backend="reference"),
+    "LMulLinear": lambda t: lmul.LMulLinear.from_linear(torch.nn.Linear(4, 3), LMulConfig(fmt="e4m3"))(t),
 }
 
 
