@@ -304,15 +304,16 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _int_list(flag: str, lo: int = 1) -> Callable[[str], str]:
-    """argparse type: comma-separated integers >= ``lo`` (the text is kept, ``_ints`` reads it)."""
+def _int_list(flag: str, lo: int = 1, hi: int = 16384) -> Callable[[str], str]:
+    """argparse type: comma-separated integers in [lo, hi] (the text is kept, ``_ints`` reads it)."""
     def parse(text: str) -> str:
         try:
             vals = _ints(text)
         except ValueError:
             vals = []
-        if not vals or min(vals) < lo:
-            raise argparse.ArgumentTypeError(f"takes comma-separated integers >= {lo}, e.g. 512,1024; got {text!r}")
+        if not vals or min(vals) < lo or max(vals) > hi:
+            raise argparse.ArgumentTypeError(f"takes comma-separated integers from {lo} to {hi}, e.g. 512,1024; "
+                                             f"got {text!r}")
         return text
     return parse
 
@@ -350,16 +351,18 @@ def _backends_arg(text: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from lmul.cli import device_arg, float_arg, int_arg
+    from lmul.cli import MAX_THREADS, device_arg, float_arg, int_arg
 
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda")
     p.add_argument("--sizes", type=_int_list("--sizes"), default="512,1024,2048",
-                   help="square sizes (CPU default caps at 2048)")
-    p.add_argument("--seqs", type=_int_list("--seqs"), default="512,1024", help="attention sequence lengths")
-    p.add_argument("--head-dims", type=_int_list("--head-dims"), default="64,128", help="attention head dims")
-    p.add_argument("--heads", type=int_arg(1), default=8, help="batch*heads of the attention and decode cases")
-    p.add_argument("--decode-lens", type=_int_list("--decode-lens"), default="1024",
-                   help="cached sequence lengths of the decode cases (one query row)")
+                   help="square sizes, at most 16384 (CPU default caps at 2048)")
+    p.add_argument("--seqs", type=_int_list("--seqs"), default="512,1024", help="attention sequence lengths (<= 16384)")
+    p.add_argument("--head-dims", type=_int_list("--head-dims", hi=1024), default="64,128",
+                   help="attention head dims (<= 1024)")
+    p.add_argument("--heads", type=int_arg(1, 256), default=8,
+                   help="batch*heads of the attention and decode cases (<= 256)")
+    p.add_argument("--decode-lens", type=_int_list("--decode-lens", hi=1 << 20), default="1024",
+                   help="cached sequence lengths of the decode cases (one query row; <= 1048576)")
     p.add_argument("--kinds", type=_kinds_arg, default=",".join(KINDS),
                    help=f"case kinds to time, comma separated: {', '.join(KINDS)}")
     p.add_argument("--configs", type=_configs_arg, default=",".join(TARGETS),
@@ -367,13 +370,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "comma separated")
     p.add_argument("--backends", type=_backends_arg, default="auto",
                    help="'auto' and/or matmul backend names (reference, cpu, decompose, triton), comma separated")
-    p.add_argument("--reps", type=int_arg(1), default=3, help="interleaved repeats (best time kept)")
-    p.add_argument("--min-time", type=float_arg(0.0), default=1.0,
+    p.add_argument("--reps", type=int_arg(1, 1000), default=3, help="interleaved repeats (best time kept)")
+    p.add_argument("--min-time", type=float_arg(0.0, "a number from 0 to 3600", hi=3600), default=1.0,
                    help="keep repeating (up to 4x reps) until this many seconds per case have passed")
-    p.add_argument("--naive-size", type=int_arg(0), default=128, help="size of the naive emulation row (0: skip)")
-    p.add_argument("--threads", type=int_arg(0), default=0, help="torch/OpenMP threads (0: torch default)")
+    p.add_argument("--naive-size", type=int_arg(0, 2048), default=128, help="size of the naive emulation row (0: skip)")
     p.add_argument("--out", default="", help="also write the table into the --section of this Markdown file "
                    "(benchmarks/RESULTS.md: the committed results); default: stdout only")
+    p.add_argument("--threads", type=int_arg(0, MAX_THREADS), default=0, help="torch/OpenMP threads (0: torch default)")
     p.add_argument("--section", default="cpu", help="key of the RESULTS.md section this run replaces")
 
 

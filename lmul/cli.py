@@ -74,8 +74,10 @@ def int_arg(lo: Optional[int] = None, hi: Optional[int] = None, also: Sequence[s
     return parse
 
 
-def float_arg(lo: float = 0.0, what: str = "a number >= 0") -> Callable[[str], float]:
-    """An argparse type: a finite float >= ``lo``."""
+def float_arg(lo: float = 0.0, what: str = "a number >= 0", hi: Optional[float] = None,
+              above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float with ``lo <= v`` (``lo < v`` when ``above``) and ``v <= hi``
+    (when given); inf and nan are refused."""
     import math
 
     def parse(text: str) -> float:
@@ -83,12 +85,17 @@ def float_arg(lo: float = 0.0, what: str = "a number >= 0") -> Callable[[str], f
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not math.isfinite(v) or v < lo:
+        if not math.isfinite(v) or v < lo or (above and v == lo) or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return v
 
     parse.__name__ = "float"
     return parse
+
+
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds share this range
+MAX_THREADS = 1024  # --threads of every subcommand
+seed_arg = int_arg(0, SEED_MAX)  # the --seed of every subcommand
 
 
 def device_arg(text: str) -> str:
@@ -149,6 +156,24 @@ def _terminate(signum: int, frame) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
+INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's status for a process ended by Ctrl-C
+
+
+def _interrupt_again(signum: int, frame) -> NoReturn:
+    """A second Ctrl-C while the first one's cleanup runs (or while Python shuts down): exit 130 now.
+    Without this the second KeyboardInterrupt escapes ``main`` and Python dies of SIGINT (status -2).
+    What cleanup is skipped is safe to skip: the kernel drops the run lock, and scratch folders of
+    dead processes are swept by the next run (:func:`lmul.eval.store.sweep_scratch`)."""
+    os.write(2, b"lmul: interrupted again; exiting now\n")
+    os._exit(INTERRUPTED)
+
+
+def _interrupt(signum: int, frame) -> NoReturn:
+    """The first Ctrl-C: KeyboardInterrupt as usual, so ``finally`` blocks clean up; later ones exit 130."""
+    signal.signal(signal.SIGINT, _interrupt_again)
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # offline from the first line: huggingface_hub reads these when first imported (users may set them to 0)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -160,6 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 if signal.getsignal(sig) is signal.SIG_DFL:
                     signal.signal(sig, _terminate)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, _interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -169,10 +196,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        if signal.getsignal(signal.SIGINT) is _interrupt:  # raised by code, not by Ctrl-C: later Ctrl-Cs exit 130
+            signal.signal(signal.SIGINT, _interrupt_again)
         if args.debug:
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except Exception as e:
         if args.debug:
             raise

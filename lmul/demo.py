@@ -59,6 +59,9 @@ def error_table(n: int = 1_000_000, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+MAX_N = 10_000_000  # --n: about 2 GB of memory, a few minutes on one core
+
+
 def run(args: argparse.Namespace) -> int:
     print("L-Mul golden values (docs/semantics.md §3)\n")
     print(golden_table())
@@ -68,12 +71,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lmul.cli import int_arg
+    from lmul.cli import int_arg, seed_arg
 
     p = sub.add_parser("demo", help="print the golden table and an error summary",
                        description="Prints the contract's golden values (docs/semantics.md §3), each product "
                        "recomputed by lmul.mul, and the relative error |P - xy| / |xy| of L-Mul (2/3/4-bit, bf16) "
                        "and of fp8/bf16 multiplies over --n random N(0,1) operand pairs.")
-    p.add_argument("--n", type=int_arg(1), default=1_000_000, help="operand pairs for the error summary")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--n", type=int_arg(1, MAX_N), default=1_000_000,
+                   help=f"operand pairs for the error summary (1 to {MAX_N:_}; about 200 bytes each)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed")
     p.set_defaults(func=run)

@@ -77,7 +77,7 @@ def run_eval(model: Path, run_dir: Path, device: str, tasks: str, arms: str, lim
     from lmul.cli import main
 
     argv = ["eval", "--model", str(model), "--tasks", tasks, "--arms", arms, "--device", device,
-            "--out", str(run_dir), "--no-fetch", "--batch-size", "8", "--max-length", "256"]
+            "--out", str(run_dir), "--no-fetch", "--batch-size", "8", "--max-length", "1024"]
     if limit:
         argv += ["--limit", str(limit)]
     if threads:

@@ -18,7 +18,6 @@ reads: ``{"qk": (a, b), "pv": (a, b), "linear": (a, b), "meta": {...}}`` saved w
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Optional
 
 import torch
 from tqdm import tqdm
+
+from lmul.files import parse_json, read_text
 
 __all__ = ["capture_layers", "sample_pairs", "capture_operands", "load_model", "read_prompts", "OPERAND_KINDS"]
 
@@ -164,9 +165,10 @@ def read_prompts(path: str, limit: int) -> list[str]:
     if not p.is_file():
         raise ValueError(f"--prompts {path}: no such file")
     if p.suffix in (".jsonl", ".json"):
-        text = p.read_text()
+        text = read_text(p)
         lines = [line for line in text.splitlines() if line.strip()]
-        recs = json.loads(text) if p.suffix == ".json" else [json.loads(line) for line in lines]
+        what = f"--prompts {path}: not valid JSON"
+        recs = parse_json(text, what) if p.suffix == ".json" else [parse_json(line, what) for line in lines]
         out = []
         for r in recs:
             s = next((r[f] for f in ("question", "text", "prompt") if isinstance(r, dict) and f in r), None)
@@ -174,7 +176,7 @@ def read_prompts(path: str, limit: int) -> list[str]:
                 raise ValueError(f"--prompts {path}: a record has none of the fields question/text/prompt")
             out.append(s)
     else:
-        out = [line for line in p.read_text().splitlines() if line.strip()]
+        out = [line for line in read_text(p).splitlines() if line.strip()]
     if not out:
         raise ValueError(f"--prompts {path}: no prompts")
     return out[:limit]

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lmul.cli import CliError, check_out_dir, float_arg, int_arg
+from lmul.cli import CliError, check_out_dir, float_arg, int_arg, seed_arg
+from lmul.files import atomic_write
 
 __all__ = ["register"]
 
@@ -63,9 +64,7 @@ def _run_energy(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         stem = f"energy_{rep['model']['name'].replace('/', '_')}_seq{args.seq}_past{args.past}_{args.scope}"
         for suffix, content in ((".json", json.dumps(rep, indent=1)), (".md", text + "\n")):
-            tmp = out / (stem + suffix + ".tmp")
-            tmp.write_text(content)
-            tmp.replace(out / (stem + suffix))
+            atomic_write(out / (stem + suffix), content)
         plot_energy(rep, out / (stem + ".png"))
         print(f"\nwrote {out / stem}.json/.md/.png")
     return 0
@@ -85,11 +84,13 @@ def _run_table7(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for name, content in (("table7.json", json.dumps(res, indent=1)), ("table7.md", text + "\n")):
-            tmp = out / (name + ".tmp")
-            tmp.write_text(content)
-            tmp.replace(out / name)
+            atomic_write(out / name, content)
         print(f"\nwrote {out}/table7.json and table7.md")
     return 0
+
+
+MAX_PAIRS = 10_000_000  # --n-pairs: a few GB of operands and products
+MAX_TOKENS = 1 << 20  # --max-tokens, --seq, --past
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -104,16 +105,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Exhaustive and real-operand error analysis of L-Mul; writes analysis.md/.json "
                                    "and PNG figures to --out.")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=default["seed"], help="random seed (synthetic operands, sampling)")
+    p.add_argument("--seed", type=seed_arg, default=default["seed"], help="random seed (synthetic operands, sampling)")
     p.add_argument("--max-bits", type=int_arg(1, 10), default=default["max_bits"],
                    help="largest mantissa width k enumerated exhaustively (<= 10)")
-    p.add_argument("--n-pairs", type=int_arg(100), default=default["n_pairs"],
-                   help="operand pairs per real-operand set (>= 100)")
+    p.add_argument("--n-pairs", type=int_arg(100, MAX_PAIRS), default=default["n_pairs"],
+                   help=f"operand pairs per real-operand set (100 to {MAX_PAIRS:_})")
     p.add_argument("--operands", help="a .pt file of captured operand pairs (as written to OUT/operands.pt)")
     p.add_argument("--model", help="capture operands from this Hugging Face model directory or .gguf file")
     p.add_argument("--prompts", help="prompts for --model: .jsonl (field question, e.g. GSM8K), .json or .txt")
-    p.add_argument("--max-prompts", type=int_arg(1), default=default["max_prompts"], help="prompts used for capture")
-    p.add_argument("--max-tokens", type=int_arg(1), default=default["max_tokens"], help="tokens per prompt for capture")
+    p.add_argument("--max-prompts", type=int_arg(1, 100_000), default=default["max_prompts"],
+                   help="prompts used for capture")
+    p.add_argument("--max-tokens", type=int_arg(1, MAX_TOKENS), default=default["max_tokens"],
+                   help="tokens per prompt for capture")
     p.add_argument("--layers", type=_layers, default=None,
                    help="layers to capture, e.g. 0,15,29 (default first/mid/last)")
     p.set_defaults(func=_run_analyze)
@@ -133,13 +136,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "traffic estimate.")
     e.add_argument("--model", default="smollm2", help="'smollm2' (built-in SmolLM2-135M config), a config.json or a "
                                                       "model directory")
-    e.add_argument("--seq", type=int_arg(1), default=512, help="tokens in the forward pass")
-    e.add_argument("--batch", type=int_arg(1), default=1, help="sequences in the forward pass")
-    e.add_argument("--past", type=int_arg(0), default=0,
+    e.add_argument("--seq", type=int_arg(1, MAX_TOKENS), default=512, help="tokens in the forward pass")
+    e.add_argument("--batch", type=int_arg(1, 1_000_000), default=1, help="sequences in the forward pass")
+    e.add_argument("--past", type=int_arg(0, MAX_TOKENS), default=0,
                    help="tokens already in the KV cache (--seq 1 --past N: one decode step at context N)")
     e.add_argument("--scope", choices=("attention", "all"), default="attention",
                    help="which multiplications L-Mul replaces (SPEC §5)")
-    e.add_argument("--dram-pj-per-byte", type=float_arg(0.0), default=DRAM_PJ_PER_BYTE,
+    e.add_argument("--dram-pj-per-byte", type=float_arg(0.0, "a number from 0 to 1e6", hi=1e6),
+                   default=DRAM_PJ_PER_BYTE,
                    help="DRAM energy per byte (default: Horowitz 2014, 1.3 nJ per 64-bit access)")
     e.add_argument("--out", help="directory for the .json/.md table and the stacked bar plot")
     e.set_defaults(func=_run_energy)

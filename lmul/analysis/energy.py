@@ -18,10 +18,11 @@ multiplications and additions of a Llama-style forward pass from its config and
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
+
+from lmul.files import parse_json, read_text
 
 __all__ = [
     "TABLE1", "PAPER_CLAIMS", "paper_comparison", "paper_comparison_markdown",
@@ -107,7 +108,7 @@ def model_shape(spec: Union[str, Path, dict]) -> ModelShape:
         if not p.is_file():
             raise ValueError(f"--model {spec!r}: not a built-in ({sorted(BUILTIN)}), a config.json or a directory "
                              "holding one")
-        cfg, name = json.loads(p.read_text()), p.parent.name or str(p)
+        cfg, name = parse_json(read_text(p), f"{p} is not valid JSON"), p.parent.name or str(p)
     try:
         heads = cfg["num_attention_heads"]
         return ModelShape(

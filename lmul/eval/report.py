@@ -428,6 +428,8 @@ def plots(results: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lmul.files import save_figure
+
     made = []
     arms = _arms(results)
     color = {a: f"C{i}" for i, a in enumerate(arms)}  # the same colour for an arm in both plots
@@ -454,7 +456,7 @@ def plots(results: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         made.append(out / "accuracy.png")
-        fig.savefig(made[-1], dpi=120)
+        save_figure(fig, made[-1], dpi=120)
         plt.close(fig)
     div = results.get("divergence") or {}
     darms = [a for a in arms if a != "exact" and any(a in d for d in div.values())]
@@ -474,7 +476,7 @@ def plots(results: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         made.append(out / "kl.png")
-        fig.savefig(made[-1], dpi=120)
+        save_figure(fig, made[-1], dpi=120)
         plt.close(fig)
     return made
 

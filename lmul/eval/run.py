@@ -208,7 +208,7 @@ def _run(cfg: EvalConfig, out: Path, allow_fetch: bool, stop_after: int | None, 
     from lm_eval.tasks import TaskManager
 
     with store.scratch_dir("lmul-tasks-") as tdir:
-        materialize(list(cfg.tasks), data_root, Path(tdir), cache_dir=data_root.parent / "datasets-cache",
+        materialize(list(cfg.tasks), data_root, Path(tdir), cache_dir=Path(tdir) / "datasets-cache",
                     per_subgroup=cfg.per_subject)
         tm = TaskManager(include_path=str(tdir), include_defaults=False)
         todo = [u for u in units if not store.part_path(out, "acc", *u).exists()]

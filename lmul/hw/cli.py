@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmul.cli import CliError, int_arg
+from lmul.cli import CliError, int_arg, seed_arg
 from lmul.files import atomic_write
 from lmul.hw.rtl import UNITS, UnitSpec, verilog
 
@@ -118,8 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true",
                    help="simulate with Icarus Verilog against the oracle: every pair for <= 8-bit formats, "
                         "else --n random pairs")
-    p.add_argument("--n", type=int_arg(1), default=1_000_000, help="random pairs for --verify of wider formats")
-    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0, help="seed of the random pairs")
+    p.add_argument("--n", type=int_arg(1, 10_000_000), default=1_000_000,
+                   help="random pairs for --verify of wider formats (<= 10_000_000)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random pairs")
     p.add_argument("--mac", action="store_true",
                    help="the MAC lane around the unit (out = acc + product in float32) for --out/--verify/--synth")
     p.add_argument("--synth", action="store_true", help="synthesise with Yosys and print gate counts")

@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from lmul.files import atomic_write
 from lmul.hw.rtl import UnitSpec, verilog
 from lmul.hw.sim import _require_iverilog, _run
 
@@ -173,11 +174,11 @@ def simulate_mac(spec: MacSpec, a: np.ndarray, b: np.ndarray, acc_bits: np.ndarr
         raise ValueError("a, b and acc must be non-empty 1-D arrays of one length")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         d = Path(tmp)
-        (d / "mac.v").write_text(mac_verilog(spec))
-        (d / "tb.v").write_text(_MAC_TB.format(w2=2 * n + 31, n1=n - 1, name=spec.name))
+        atomic_write(d / "mac.v", mac_verilog(spec))
+        atomic_write(d / "tb.v", _MAC_TB.format(w2=2 * n + 31, n1=n - 1, name=spec.name))
         digits = (2 * n + 32 + 3) // 4
         words = ((x << (n + 32)) | (y << 32) | c for x, y, c in zip(a.tolist(), b.tolist(), acc.tolist(), strict=True))
-        (d / "ops.hex").write_text("\n".join(f"{v:0{digits}x}" for v in words) + "\n")  # may exceed 64 bits
+        atomic_write(d / "ops.hex", "\n".join(f"{v:0{digits}x}" for v in words) + "\n")  # may exceed 64 bits
         _run(["iverilog", "-g2005", "-Wall", "-o", "sim.vvp", f"-Ptb.NVEC={a.size}", "tb.v", "mac.v"], d)
         _run(["vvp", "-n", "sim.vvp"], d)
         lines = (d / "out.hex").read_text().split()
@@ -217,9 +218,9 @@ def simulate_fadd(x_bits: np.ndarray, y_bits: np.ndarray, workdir: Optional[Path
         raise ValueError("x and y must be non-empty and of one length")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         d = Path(tmp)
-        (d / "fadd.v").write_text(fadd_verilog())
-        (d / "tb.v").write_text(_FADD_TB)
-        (d / "ops.hex").write_text("\n".join(f"{x:08x}{y:08x}" for x, y in zip(xs, ys, strict=True)) + "\n")
+        atomic_write(d / "fadd.v", fadd_verilog())
+        atomic_write(d / "tb.v", _FADD_TB)
+        atomic_write(d / "ops.hex", "\n".join(f"{x:08x}{y:08x}" for x, y in zip(xs, ys, strict=True)) + "\n")
         _run(["iverilog", "-g2005", "-Wall", "-o", "sim.vvp", f"-Ptb.NVEC={len(xs)}", "tb.v", "fadd.v"], d)
         _run(["vvp", "-n", "sim.vvp"], d)
         lines = (d / "out.hex").read_text().split()

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from lmul.files import atomic_write
 from lmul.formats import Format
 from lmul.hw.rtl import UnitSpec, verilog
 
@@ -135,11 +136,11 @@ def simulate(spec: UnitSpec, a: np.ndarray, b: np.ndarray, workdir: Optional[Pat
         raise ValueError(f"operand encodings must be in [0, 2^{n})")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         d = Path(tmp)
-        (d / "unit.v").write_text(verilog(spec))
-        (d / "tb.v").write_text(testbench(spec))
+        atomic_write(d / "unit.v", verilog(spec))
+        atomic_write(d / "tb.v", testbench(spec))
         digits = (2 * n + 3) // 4
         pairs = (a << n) | b
-        (d / "ops.hex").write_text("\n".join(f"{v:0{digits}x}" for v in pairs.tolist()) + "\n")
+        atomic_write(d / "ops.hex", "\n".join(f"{v:0{digits}x}" for v in pairs.tolist()) + "\n")
         _run(["iverilog", "-g2005", "-Wall", "-o", "sim.vvp", f"-Ptb.NVEC={a.size}", "tb.v", "unit.v"], d)
         _run(["vvp", "-n", "sim.vvp", "+ops=ops.hex", "+out=out.hex"], d)
         lines = (d / "out.hex").read_text().split()

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmul.files import atomic_write
 from lmul.hw.rtl import UnitSpec, verilog
 
 __all__ = ["AREA_UM2", "MAC_FORMATS", "PAPER_GATES", "PAPER_WEIGHT", "SynthResult", "TABLE_FORMATS", "gate_counts",
@@ -99,7 +100,7 @@ def gate_counts(text: str, top: str) -> tuple[dict[str, int], int]:
 
 
 def _map(text: str, top: str, gates: str, tmp: Path) -> tuple[dict[str, int], int]:
-    (tmp / "unit.v").write_text(text)
+    atomic_write(tmp / "unit.v", text)
     script = (f"read_verilog unit.v; synth -flatten -noabc -top {top}; abc -g {gates}; opt_clean; "
               "tee -q -o stat.json stat -json; tee -q -o ltp.txt ltp -noff")
     proc = subprocess.run(["yosys", "-q", "-p", script], cwd=tmp, capture_output=True, text=True)
