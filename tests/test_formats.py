@@ -101,6 +101,25 @@ def test_quantize_small_formats_vs_nearest_value_search(e, m, finite_only, round
 
 
 @pytest.mark.parametrize("e,m,finite_only", SMALL)
+def test_compiled_quantizer_small_formats_vs_nearest_value_search(e, m, finite_only):
+    """The C++ quantizer (lmul.quantize's path for large float32 CPU tensors; saturating) on every
+    value, tie and neighbour of every format with E + m <= 8: for m = 0 it rounded every tie up (issue 24)."""
+    from lmul.kernels import cpu_ext
+
+    try:
+        cpu_ext.load()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    oracle = SmallFormat(e, m, finite_only)
+    fmt = Format(e, m, finite_only)
+    vals = torch.from_numpy(oracle.all_values()).float()
+    x = torch.cat([neighbourhood(vals), random_float32(4096, e * 100 + m)])
+    for rounding in ("rne", "trunc"):
+        want = torch.from_numpy(oracle.quantize(x.double().numpy(), rounding, "saturate")).float()
+        assert same_bits(cpu_ext.quantize_cpu(x, fmt, rounding), want), rounding
+
+
+@pytest.mark.parametrize("e,m,finite_only", SMALL)
 def test_every_value_is_a_fixed_point(e, m, finite_only):
     vals = torch.from_numpy(SmallFormat(e, m, finite_only).all_values()).float()
     assert same_bits(quantize(vals, Format(e, m, finite_only), overflow="ieee"), vals)
