@@ -59,34 +59,39 @@ TORCHAO_EPS = 1e-12  # torchao.float8.float8_utils.EPS: amax below this is clamp
 
 def _check(x: torch.Tensor, fmt: FormatLike, scaling: str, operand: str) -> Format:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+        what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating torch.Tensor, got {what}")
     if not isinstance(scaling, str) or scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got scaling={scaling!r}")
     if operand not in ("a", "b"):
         raise ValueError(f"operand must be 'a' (left, [..., M, K]) or 'b' (right, [..., K, N]), got {operand!r}")
     if x.dim() < 2:
-        raise ValueError(f"a scaled operand has at least 2 dims ([..., M, K] or [..., K, N]), got shape {tuple(x.shape)}")
+        raise ValueError(f"a scaled operand has at least 2 dims ([..., M, K] or [..., K, N]), got {tuple(x.shape)}")
     return LMulSpec(fmt, "exact", scaling=scaling).fmt  # validates fmt for scaling (at most 6 exponent bits)
 
 
 def _grouped(x: torch.Tensor, scaling: str, operand: str) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``x`` as [..., Rb, r, G, g]: rows (of A, or columns of B) in Rb groups of r, K in G groups of g,
-    zero-padded where ragged (zeros never change a group's amax)."""
-    xt = x if operand == "a" else x.transpose(-1, -2)  # [..., R, K]: K last
-    rows, k = xt.shape[-2:]
-    if scaling == "none":
-        r, g = rows, k  # one group, never used for scales
-    elif scaling == "tensor":
-        r, g = max(rows, 1), max(k, 1)
-    elif scaling == "row":
-        r, g = 1, max(k, 1)
+    """``x`` in groups, zero-padded where ragged (zeros never change a group's amax), with the
+    group's elements in dims -3 and -1: A [..., M, K] as [..., Mb, r, G, g] (K in G groups of g,
+    rows in Mb groups of r), B [..., K, N] as [..., G, g, Nb, r] (no copy unless padded)."""
+    d0, d1 = x.shape[-2:]
+    if scaling == "tensor":
+        g, r = (d1, d0) if operand == "a" else (d0, d1)
+    elif scaling in ("row", "none"):
+        g, r = (d1, 1) if operand == "a" else (d0, 1)
     else:
         g = GROUP[scaling]
         r = g if (scaling == "block" and operand == "b") else 1
-    rb, gk = -(-rows // r), -(-k // g)
-    if (rb * r, gk * g) != (rows, k):
-        xt = torch.nn.functional.pad(xt, (0, gk * g - k, 0, rb * r - rows))
-    return xt.reshape(*xt.shape[:-2], rb, r, gk, g), (rows, k)
+    g, r = max(g, 1), max(r, 1)
+    if operand == "a":
+        p0, p1 = -(-d0 // r) * r, -(-d1 // g) * g
+        shape = (p0 // r, r, p1 // g, g)
+    else:
+        p0, p1 = -(-d0 // g) * g, -(-d1 // r) * r
+        shape = (p0 // g, g, p1 // r, r)
+    if (p0, p1) != (d0, d1):
+        x = torch.nn.functional.pad(x, (0, p1 - d1, 0, p0 - d0))
+    return x.reshape(*x.shape[:-2], *shape), (d0, d1)
 
 
 def _exponents(amax: torch.Tensor, fmt: Format, scaling: str) -> torch.Tensor:
@@ -106,30 +111,29 @@ def _exponents(amax: torch.Tensor, fmt: Format, scaling: str) -> torch.Tensor:
 
 
 def _scales_grouped(xv: torch.Tensor, fmt: Format, scaling: str) -> torch.Tensor:
-    """The scales of grouped ``xv`` [..., Rb, r, G, g], shaped [..., Rb, 1, G, 1] (tensor: all ones dims)."""
-    mag = xv.detach().abs()
+    """The scales of grouped ``xv`` (:func:`_grouped`), shaped like ``xv`` with 1 in dims -3 and -1."""
+    if xv.numel() == 0:
+        shape = (1,) * xv.dim() if scaling == "tensor" else (*xv.shape[:-3], 1, xv.shape[-2], 1)
+        return _exponents(xv.new_zeros(shape, dtype=torch.float64), fmt, scaling)
+    # amax and amin, not aminmax nor abs: two plain reductions are several times faster on CPU
     if scaling == "tensor":
-        amax = mag.amax() if mag.numel() else mag.new_zeros(())
-        amax = amax.reshape((1,) * xv.dim())
+        amax = torch.maximum(-xv.amin(), xv.amax()).reshape((1,) * xv.dim())
     else:
-        amax = mag.amax(dim=(-3, -1), keepdim=True) if mag.numel() else mag.new_zeros(
-            (*xv.shape[:-3], xv.shape[-4], 1, xv.shape[-2], 1))
+        amax = torch.maximum(-xv.amin(dim=(-3, -1), keepdim=True), xv.amax(dim=(-3, -1), keepdim=True))
     return _exponents(amax.double(), fmt, scaling)
 
 
 def _compact(scales: torch.Tensor, scaling: str, operand: str) -> torch.Tensor:
-    """Group scales [..., Rb, 1, G, 1] in the operand's own layout: A [..., M, G] (row: G = 1), B
-    [..., G, N] (block: [..., G, Nb]); tensor: a 0-dim tensor."""
+    """Group scales in the operand's own layout: A [..., M, G] (row: G = 1), B [..., G, N] (block:
+    [..., G, Nb]); tensor: a 0-dim tensor."""
     if scaling == "tensor":
         return scales.reshape(())
-    s = scales.squeeze(-1).squeeze(-2)  # [..., Rb, G]
-    return s if operand == "a" else s.transpose(-1, -2)
+    return scales.squeeze(-1).squeeze(-2)
 
 
-def _ungroup(v: torch.Tensor, size: tuple[int, int], operand: str) -> torch.Tensor:
-    rb, r, gk, g = v.shape[-4:]
-    v = v.reshape(*v.shape[:-4], rb * r, gk * g)[..., :size[0], :size[1]]
-    return v if operand == "a" else v.transpose(-1, -2)
+def _ungroup(v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    a, b, c, d = v.shape[-4:]
+    return v.reshape(*v.shape[:-4], a * b, c * d)[..., :size[0], :size[1]]
 
 
 def scale_exponents(x: torch.Tensor, fmt: FormatLike, scaling: str, operand: Operand = "a") -> torch.Tensor:
@@ -169,14 +173,20 @@ def _quantize(x: torch.Tensor, fmt: Format, rounding: str) -> torch.Tensor:
 def _scaled(x: torch.Tensor, fmt: Format, scaling: str, operand: str, rounding: str
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Elements q, per-element scales (both [...] like x, float32) and the compact group scales."""
+    qv, scales, size = _scaled_grouped(x, fmt, scaling, operand, rounding)
+    return _ungroup(qv, size), _ungroup(scales.expand(qv.shape), size), _compact(scales, scaling, operand)
+
+
+def _scaled_grouped(x: torch.Tensor, fmt: Format, scaling: str, operand: str, rounding: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Grouped elements q (float32, a fresh tensor), the scales (:func:`_scales_grouped`) and the size."""
     src = torch.float64 if x.dtype == torch.float64 else torch.float32
     xv, size = _grouped(x.detach().to(src), scaling, operand)
     scales = _scales_grouped(xv, fmt, scaling)
     # x 2^-s: exact in float32 except below 2^-126, where any E <= 6 format rounds to zero anyway
     y = xv * (1.0 / scales).to(src)
     q = _quantize(y.reshape(-1) if src == torch.float32 else y, fmt, rounding).reshape(y.shape)
-    per = scales.expand(xv.shape)
-    return _ungroup(q, size, operand), _ungroup(per, size, operand), _compact(scales, scaling, operand)
+    return q, scales, size
 
 
 def wide_format(fmt: FormatLike) -> Format:
@@ -210,30 +220,70 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Ten
     b2 = b.unsqueeze(-1) if b.dim() == 1 else b
     if 0 in a2.shape or 0 in b2.shape:
         return torch.zeros(shape, dtype=torch.float32, device=a.device)
-    qa, xa, _ = _scaled(a2, spec.fmt, spec.scaling, "a", spec.rounding)
-    qb, xb, _ = _scaled(b2, spec.fmt, spec.scaling, "b", spec.rounding)
     entry = kernels.select("matmul", a, spec)
     if entry.name != "reference":
-        wide = wide_spec(spec)
-        wa, bad_a = _widen(qa, xa, spec)
-        wb, bad_b = _widen(qb, xb, spec)
-        if not (bool(bad_a.any()) or bool(bad_b.any())):
-            return _matmul(wa, wb, wide.replace(backend=entry.name)).reshape(shape)
+        if spec.acc is None and spec.scaling in ("tensor", "row"):
+            out = _outer(a2, b2, spec, entry.name)
+            if out is not None:
+                return out.reshape(shape)
+        wa, wb = _wide_operand(a2, spec, "a"), _wide_operand(b2, spec, "b")
+        if wa is not None and wb is not None:
+            return _matmul(wa, wb, wide_spec(spec).replace(backend=entry.name)).reshape(shape)
+    qa, xa, _ = _scaled(a2, spec.fmt, spec.scaling, "a", spec.rounding)
+    qb, xb, _ = _scaled(b2, spec.fmt, spec.scaling, "b", spec.rounding)
     return _reference_broadcast(qa, xa, qb, xb, spec).reshape(shape)
 
 
-def _widen(q: torch.Tensor, x: torch.Tensor, spec: LMulSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w = q X`` (float32; signed zero for fmt-subnormal q in bit/formula mode) and where a nonzero
-    finite-scaled ``w`` is not a normal value of the wide format (those need the reference)."""
-    fmt = spec.fmt
-    if spec.mode != "exact":
-        q = torch.where(q.abs() < fmt.min_normal, q * 0.0, q)  # flushed by L-Mul anyway; keeps the sign
-    w = q * x
-    mag = w.abs()
-    wide = wide_format(fmt)
-    ok = (mag >= wide.min_normal) & (mag <= wide.max)
-    bad = (q != 0) & torch.isfinite(x) & torch.isfinite(q) & ~ok
-    return w, bad
+def _wide_operand(x: torch.Tensor, spec: LMulSpec, operand: str) -> torch.Tensor | None:
+    """``w = q X`` (float32, in place on the fresh q; fmt-subnormal q flushed to zero in bit/formula
+    mode, where L-Mul flushes them anyway and a zero product's sign never matters), or None where a
+    nonzero ``w`` would leave the wide format's normal range (that call needs the reference)."""
+    fmt, wide = spec.fmt, wide_format(spec.fmt)
+    q, scales, size = _scaled_grouped(x, fmt, spec.scaling, operand, spec.rounding)
+    low = fmt.min_normal if spec.mode != "exact" else fmt.min_subnormal  # smallest nonzero |q| that counts
+    ok = torch.isnan(scales) | ((scales * low >= wide.min_normal) & (scales * fmt.max <= wide.max))
+    if spec.mode != "exact":  # |q| <= the largest subnormal -> 0 (NaN kept), one pass
+        q = torch.nn.functional.hardshrink(q, fmt.min_normal - fmt.min_subnormal)
+    q.mul_(scales)
+    if not bool(ok.all()):  # some group could reach past e8m's normal range: look at its elements
+        mag = q.abs()
+        if bool(((mag > 0) & ((mag < wide.min_normal) | (mag > wide.max))).any()):
+            return None
+    return _ungroup(q, size)
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, backend: str) -> torch.Tensor | None:
+    """Tensor/row scaling with float32 sums: the scale 2^(sa_i + sb_j) is constant over k, so
+    ``C_ij = 2^(sa_i + sb_j) sum_k P(q(a 2^-sa), q(b 2^-sb))``: the unscaled kernel (which quantizes
+    ``x 2^-s`` itself) times one power of two per output, exact while every nonzero product and
+    partial sum stays in float32's normal range once scaled; None (use the wide path) otherwise."""
+    from lmul.matmul import _matmul
+
+    fmt, k = spec.fmt, a.shape[-1]
+    src = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    av, size_a = _grouped(a.detach().to(src), spec.scaling, "a")
+    bv, size_b = _grouped(b.detach().to(src), spec.scaling, "b")
+    xa, xb = _scales_grouped(av, fmt, spec.scaling), _scales_grouped(bv, fmt, spec.scaling)
+    ea, eb = _finite_exponents(xa), _finite_exponents(xb)
+    if ea is not None and eb is not None:
+        grid = 2 * fmt.emin - (2 * fmt.man_bits if spec.mode == "exact" else fmt.man_bits)  # nonzero |P| >= 2^grid
+        top = 2 * (fmt.emax + 1) + 2 + math.ceil(math.log2(max(k, 1)))                     # every |partial| < 2^top
+        if ea[0] + eb[0] + grid < -126 or ea[1] + eb[1] + top >= 127:
+            return None
+    ya = _ungroup(av * (1.0 / xa).to(src), size_a)
+    yb = _ungroup(bv * (1.0 / xb).to(src), size_b)
+    out = _matmul(ya, yb, spec.replace(scaling="none", backend=backend))
+    ca, cb = _compact(xa, spec.scaling, "a"), _compact(xb, spec.scaling, "b")  # 0-dim, or [.., M, 1] / [.., 1, N]
+    return out.mul_(ca * cb)  # one power of two per output (NaN for a NaN group): exact in range
+
+
+def _finite_exponents(x: torch.Tensor) -> tuple[int, int] | None:
+    """(min, max) exponent of the finite scales ``x`` (None: all NaN)."""
+    fin = x[torch.isfinite(x)]
+    if fin.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(fin)
+    return int(torch.frexp(lo).exponent) - 1, int(torch.frexp(hi).exponent) - 1
 
 
 def _reference_broadcast(qa: torch.Tensor, xa: torch.Tensor, qb: torch.Tensor, xb: torch.Tensor,

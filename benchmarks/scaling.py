@@ -1,0 +1,96 @@
+"""Scaled-operand speed (issue 27): a scaled L-Matmul (``scaling="tensor" | "row" | "block" | "mx"``)
+against the unscaled one of the same backend, mode and format:
+``python benchmarks/scaling.py [--size 1024] [--threads 1]``.
+
+Target: ratio = scaled time / unscaled time (interleaved in the same run, best of ``--reps``) <= 1.15
+at 1024^3 on the ``cpu`` and ``decompose`` backends. The scaled time is the whole call: group amax,
+scales, element quantization, the wide operands ``q X`` and the kernel. Prints the rows;
+``--out benchmarks/RESULTS.md`` writes the "Scaled operands" section there (other sections kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmul.bench import best_times, machine_line
+from lmul.matmul import matmul
+
+KEY = "scaling"
+START, END = f"<!-- lmul-bench:{KEY}:start -->", f"<!-- lmul-bench:{KEY}:end -->"
+TARGET = 1.15
+
+
+def run(size: int, configs: list[tuple[str, str]], scalings: list[str], backends: list[str],
+        reps: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen)
+    b = torch.randn(size, size, generator=gen)
+    rows = []
+    for backend in backends:
+        for mode, fmt in configs:
+            fns = [lambda s=s, fmt=fmt, mode=mode: matmul(a, b, fmt, mode, backend=backend, scaling=s)
+                   for s in ["none", *scalings]]
+            times = best_times(fns, "cpu", reps, 0.0)
+            for s, t in zip(scalings, times[1:], strict=True):
+                rows.append({"backend": backend, "mode": mode, "fmt": fmt, "scaling": s, "base": times[0],
+                             "scaled": t, "ratio": t / times[0]})
+                print(f"{backend:9s} {mode:8s} {fmt:5s} {s:6s} unscaled {times[0] * 1e3:7.1f} ms  scaled "
+                      f"{t * 1e3:7.1f} ms  ratio {t / times[0]:.2f}x", flush=True)
+    return rows
+
+
+def write(rows: list[dict], path: Path, command: str, size: int, threads: int) -> None:
+    lines = [START, f"Machine: {machine_line('cpu')}. Command: `{command}`.",
+             f"`a`, `b`: float32 randn [{size}, {size}] (seed 0), torch threads {threads or 'default'}; ratio = "
+             "scaled time / unscaled time (same backend, mode, format), best of interleaved repeats, whole call "
+             "(amax, scales, element quantization, wide operands, kernel).", "",
+             "| backend | mode | format | scaling | unscaled | scaled | ratio | target | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        verdict = "met" if r["ratio"] <= TARGET else f"MISSED by {r['ratio'] / TARGET:.2f}x"
+        lines.append(f"| {r['backend']} | {r['mode']} | {r['fmt']} | {r['scaling']} | {r['base'] * 1e3:.1f} ms "
+                     f"| {r['scaled'] * 1e3:.1f} ms | {r['ratio']:.2f}x | <= {TARGET:g}x | {verdict} |")
+    lines.append(END)
+    body = "\n".join(lines)
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if START in old and END in old:
+        new = old[: old.index(START)] + body + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n### Scaled operands: `scaling`\n\n" + body + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md")
+    with os.fdopen(fd, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=1024, help="M = K = N")
+    p.add_argument("--configs", default="bit:e4m3,exact:e4m3,bit:fp4", help="mode:format,...")
+    p.add_argument("--scalings", default="tensor,row,block,mx")
+    p.add_argument("--backends", default="cpu,decompose")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("-"), help="also write the section into this file "
+                   "(benchmarks/RESULTS.md: the committed results); default '-': print only")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [tuple(c.split(":")) for c in args.configs.split(",")]
+    if any(len(c) != 2 for c in configs):
+        p.error(f"--configs takes mode:format pairs, got {args.configs!r}")
+    rows = run(args.size, configs, args.scalings.split(","), args.backends.split(","), args.reps)
+    if str(args.out) != "-":
+        command = "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write(rows, args.out, command.strip(), args.size, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
