@@ -34,7 +34,7 @@ def run(size: int, configs: list[tuple[str, str]], scalings: list[str], backends
     rows = []
     for backend in backends:
         for mode, fmt in configs:
-            fns = [lambda s=s, fmt=fmt, mode=mode: matmul(a, b, fmt, mode, backend=backend, scaling=s)
+            fns = [lambda s=s, fmt=fmt, mode=mode, be=backend: matmul(a, b, fmt, mode, backend=be, scaling=s)
                    for s in ["none", *scalings]]
             times = best_times(fns, "cpu", reps, 0.0)
             for s, t in zip(scalings, times[1:], strict=True):
