@@ -34,10 +34,24 @@ from lmul.spec import LMulSpec
 __all__ = ["matmul_grads", "mul_grads"]
 
 
-def _q(x: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
-    from lmul.elementwise import quantize  # the fastest quantize backend (the compiled one on CPU); same values
+def _q(x: torch.Tensor, spec: LMulSpec, operand: str = "mul") -> torch.Tensor:
+    """The quantized operand the forward multiplied: ``quantize(x)``, or with ``spec.scaling`` the
+    scaled one ``q X`` (float32): groups along K as a matmul's ``operand`` ``"a"``/``"b"``
+    (:mod:`lmul.scaling`), along the last dimension for ``"mul"`` (:func:`lmul.elementwise.scaled_elements`)."""
+    from lmul.elementwise import quantize, scaled_elements  # the fastest quantize backend: same values
 
-    return quantize(x.detach(), spec.fmt, spec.rounding)
+    x = x.detach()
+    if spec.scaling == "none":
+        return quantize(x, spec.fmt, spec.rounding)
+    if operand == "mul":
+        q, scales = scaled_elements(x, spec)
+        return q * scales
+    from lmul.elementwise import per_element
+    from lmul.scaling import scaled_quantize
+
+    x2 = x.unsqueeze(0 if operand == "a" else -1) if x.dim() == 1 else x
+    q, scales = scaled_quantize(x2, spec.fmt, spec.scaling, operand, spec.rounding)
+    return (q * per_element(scales, spec.scaling, operand, x2.shape)).reshape(x.shape)
 
 
 def matmul_grads(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec,
@@ -45,8 +59,8 @@ def matmul_grads(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMu
     """``(dA, dB)`` of ``C = L-Matmul(A, B)`` (torch.matmul shapes): ``mm(dC, B_q^T)`` and
     ``mm(A_q^T, dC)``, reduced over broadcast batch dimensions, in the operands' dtypes (None where not
     needed). ``mm`` is ``torch.matmul`` (``backward="exact"``) or the forward's L-Matmul (``"same"``)."""
-    aq = _q(a, spec) if needs[1] else a.detach()   # dA needs only B_q, dB only A_q
-    bq = _q(b, spec) if needs[0] else b.detach()
+    aq = _q(a, spec, "a") if needs[1] else a.detach()   # dA needs only B_q, dB only A_q
+    bq = _q(b, spec, "b") if needs[0] else b.detach()
     a2 = aq.unsqueeze(0) if a.dim() == 1 else aq     # [..., M, K]
     b2 = bq.unsqueeze(-1) if b.dim() == 1 else bq    # [..., K, N]
     g = grad.float()

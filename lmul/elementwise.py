@@ -22,7 +22,7 @@ from lmul.formats import quantize as _quantize_formats
 from lmul.matmul import _eager
 from lmul.spec import LMulSpec, Mode, resolve_spec
 
-__all__ = ["mul", "quantize", "MUL_CHUNK"]
+__all__ = ["mul", "quantize", "scaled_elements", "per_element", "MUL_CHUNK"]
 
 MUL_CHUNK = 1 << 22  # result elements one backend call computes at most
 
@@ -46,7 +46,51 @@ def _slices(shape: tuple, budget: int):
             yield (i, *rest)
 
 
+def scaled_elements(x: torch.Tensor, spec: LMulSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, X)``, both float32 with ``x``'s shape: ``x`` scaled for an element-wise product, in groups
+    along its **last** dimension, as :func:`lmul.scaling.scaled_quantize` groups a left operand along K
+    (``row``: one scale per row; ``mx``: 32 consecutive elements; ``block``: 128; ``tensor``: one scale).
+    ``q = quantize(x / X, fmt)`` and ``X`` is the element's group scale ``2^s`` (NaN for a group holding
+    NaN/inf); a 0-d or 1-D ``x`` is one row."""
+    from lmul.scaling import scaled_quantize
+
+    x2 = x.reshape(1, -1) if x.dim() < 2 else x
+    if x2.numel() == 0:
+        z = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return z, z + 1.0
+    q, scales = scaled_quantize(x2, spec.fmt, spec.scaling, "a", spec.rounding)
+    return q.reshape(x.shape), per_element(scales, spec.scaling, "a", x2.shape).reshape(x.shape)
+
+
+def per_element(scales: torch.Tensor, scaling: str, operand: str, shape: torch.Size) -> torch.Tensor:
+    """Compact group scales in :func:`lmul.scaling.scale_exponents`' layout (A ``[..., M, G]``, B
+    ``[..., G, N]``, block B ``[..., G, ceil(N/128)]``, tensor 0-d) broadcast to the operand's ``shape``."""
+    from lmul.scaling import GROUP
+
+    if scaling == "tensor":
+        return scales.expand(shape)
+    kdim = -1 if operand == "a" else -2
+    k = shape[kdim]
+    per = scales.repeat_interleave(k if scaling == "row" else GROUP[scaling], dim=kdim).narrow(kdim, 0, k)
+    if scaling == "block" and operand == "b":  # 128 x 128 blocks: also along N
+        per = per.repeat_interleave(GROUP["block"], dim=-1)[..., :shape[-1]]
+    return per.expand(shape)
+
+
+def _scaled_mul(x: torch.Tensor, y: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
+    """``fl32(2^(sx + sy) P(qx, qy))`` per element (docs/patching.md, scaled element-wise products):
+    each operand scaled on its own, before broadcasting, by :func:`scaled_elements`; ``P`` the
+    unscaled spec's product of the elements (already in ``fmt``, so quantizing them again is the identity);
+    the two powers of two applied in float64 (exact) and the result rounded once to float32."""
+    qx, sx = scaled_elements(x, spec)
+    qy, sy = scaled_elements(y, spec)
+    p = _mul(qx, qy, spec.replace(scaling="none"))
+    return (p.double() * (sx.double() * sy.double())).float()
+
+
 def _mul(x: torch.Tensor, y: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
+    if spec.scaling != "none":
+        return _scaled_mul(x, y, spec)
     shape = tuple(torch.broadcast_shapes(x.shape, y.shape))
     entry = kernels.select("mul", x, spec)
     n = 1
@@ -111,7 +155,9 @@ def mul(
     integers (paper Eq. 2, Figure 2), ``formula`` evaluates ``(1 + xm + ym + c) 2^(xe+ye)`` (Eq. 1),
     ``exact`` is the ordinary product. ``offset`` overrides ``c = 2^-l(m)``; ``offset=0`` gives
     Mitchell's logarithmic multiplier. The options may instead be given as one
-    :class:`~lmul.spec.LMulSpec` (``spec=``, or in place of ``fmt``).
+    :class:`~lmul.spec.LMulSpec` (``spec=``, or in place of ``fmt``). A spec with ``scaling`` scales
+    each operand in power-of-two groups along its last dimension (:func:`scaled_elements`) and returns
+    ``fl32(2^(sx + sy) P(qx, qy))``.
 
     >>> mul(torch.tensor(3.0), torch.tensor(4.0))  # (1.5 + 0 + 1/16) * 2^3
     tensor(12.5000)
@@ -128,8 +174,8 @@ def mul(
         torch.broadcast_shapes(x.shape, y.shape)
     except RuntimeError as err:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not broadcast") from err
-    if spec.backend != "auto":
-        kernels.select("mul", x, spec)  # a named backend that cannot run raises here, with its reason
+    if spec.backend != "auto":  # a named backend that cannot run raises here, with its reason
+        kernels.select("mul", x, spec.replace(scaling="none"))  # scaled: the backend multiplies the elements
     if _eager(x, y):  # the op's own implementation, without the custom-op dispatch
         return _mul(x, y, spec).contiguous()
     return _mul_op(x, y, spec.name)

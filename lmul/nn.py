@@ -114,7 +114,8 @@ class LMulLinear(nn.Module):
 
     The Parameters are the original module's own (no copy). In inference (no gradient needed for
     the weight) the weight is quantized to ``config.spec.fmt`` once (a float32 copy in the weight's own
-    memory layout, used as the ``[in, out]`` operand) and cached until the Parameter changes (its
+    memory layout, used as the ``[in, out]`` operand; with ``spec.scaling`` the float32 weight, which
+    :func:`lmul.matmul` scales per output column along ``in_features``) and cached until the Parameter changes (its
     version counter, storage, device or dtype); with autograd the weight goes to
     :func:`lmul.matmul` directly so that its gradient flows. The product and the float32
     sum are those of :func:`lmul.matmul`; the bias is added exactly in float32; the result is
@@ -151,7 +152,9 @@ class LMulLinear(nn.Module):
         if self._cache is None or self._cache[0] != key:
             wt = (w.detach() if self.transposed else w.detach().t()).float()
             spec = self.config.spec
-            self._cache = (key, quantize(wt, spec.fmt, spec.rounding))  # [in, out] view, float32
+            # scaled specs: lmul.matmul takes the scales from the whole weight (groups along K = in_features, per
+            # output column), so the cache holds the float32 weight; quantizing it first would clip it unscaled
+            self._cache = (key, wt if spec.scaling != "none" else quantize(wt, spec.fmt, spec.rounding))
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

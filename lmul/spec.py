@@ -10,8 +10,12 @@ once, and hashable; equal specs compute the same bits. ``docs/semantics.md`` is 
 One vocabulary names specs everywhere (Python, every command's flags, result files):
 
 * a preset: :data:`PRESETS` (``"lmul"``, ``"e4m3"``, ``"lmul-k3"``, ...; the evaluation arms), or
-* a spec name ``<fmt>-<mode>[-c<offset>][-trunc][-acc<fmt>[x<block>]][-bwsame][-<backend>]``, as
-  :attr:`LMulSpec.name` writes it: ``"bf16-bit"``, ``"e8m3-bit-trunc"``, ``"e4m3-exact-acce4m3x16"``.
+* a spec name ``<fmt>-<mode>[-c<offset>][-trunc][-<scaling>][-acc<fmt>[x<block>]][-bwsame][-<backend>]``,
+  as :attr:`LMulSpec.name` writes it: ``"bf16-bit"``, ``"e8m3-bit-trunc"``, ``"e4m3-exact-acce4m3x16"``,
+  ``"e4m3-bit-row"``, ``"fp4-bit-mx-acce8m3x32"``. ``<scaling>`` is one of the tokens ``tensor``,
+  ``row``, ``block``, ``mx`` (:data:`SCALINGS`; absent: ``none``), the operand scaling of
+  :mod:`lmul.scaling` (``docs/semantics.md`` section 7). The parts after ``<mode>`` may come in any
+  order except that the backend, which may contain ``-``, is last.
 
 :meth:`LMulSpec.from_name` reads both; ``LMulSpec.from_name(spec.name) == spec``.
 """
@@ -29,14 +33,18 @@ from typing import Any, Literal, Optional, Union
 
 from lmul.formats import BF16, FP32, Format, FormatLike
 
-__all__ = ["LMulSpec", "MODES", "MODE_CODES", "ROUNDINGS", "BACKWARDS", "PRESETS", "Mode", "offset_exponent",
-           "resolve_offset", "resolve_spec"]
+__all__ = ["LMulSpec", "MODES", "MODE_CODES", "ROUNDINGS", "BACKWARDS", "SCALINGS", "PRESETS", "Mode",
+           "offset_exponent", "resolve_offset", "resolve_spec"]
 
 Mode = Literal["bit", "formula", "exact"]
 MODES: tuple[str, ...] = ("bit", "formula", "exact")
 MODE_CODES: dict[str, int] = {"bit": 0, "formula": 1, "exact": 2}  # the integer codes every compiled kernel uses
 ROUNDINGS: tuple[str, ...] = ("rne", "trunc")
 BACKWARDS: tuple[str, ...] = ("exact", "same")  # the gradient's products: lmul.autograd
+# operand scaling (lmul.scaling, docs/semantics.md section 7): power-of-two scales per tensor, per row of A /
+# column of B, per 1x128 tile of A and 128x128 block of B (DeepSeek-V3), per 32 elements along K (OCP MX v1.0)
+SCALINGS: tuple[str, ...] = ("none", "tensor", "row", "block", "mx")
+SCALING_MAX_EXP_BITS = 6  # scaled formats: two scaled maxima (< 2^33 each) multiply within float32's range
 
 # The one preset table: name -> (LMulSpec keyword arguments, patch scope). The evaluation arms, the
 # `--arms` / `--preset` vocabulary and docs/patching.md's table all come from here.
@@ -59,6 +67,29 @@ PRESETS: dict[str, tuple[dict, str]] = {
     "e4m3-all": (dict(fmt="e4m3", mode="exact", acc="e4m3", acc_block=ACC_BLOCK_T6), "all"),
     "e5m2-all": (dict(fmt="e5m2", mode="exact", acc="e5m2", acc_block=ACC_BLOCK_T6), "all"),
     "lmul-all-k3": (dict(fmt="e4m3", mode="bit", acc="e4m3", acc_block=ACC_BLOCK_T6), "all"),
+    # Table 6's other accumulator reading: fp8 precision with float32's exponent range (e8m3 / e8m2)
+    "e4m3-all-p": (dict(fmt="e4m3", mode="exact", acc="e8m3", acc_block=ACC_BLOCK_T6), "all"),
+    "e5m2-all-p": (dict(fmt="e5m2", mode="exact", acc="e8m2", acc_block=ACC_BLOCK_T6), "all"),
+    "lmul-all-k3-p": (dict(fmt="e4m3", mode="bit", acc="e8m3", acc_block=ACC_BLOCK_T6), "all"),
+    # fp8/fp4 as really run (lmul.scaling, docs/semantics.md section 7): <arm>-row / <arm>-mx is the arm with
+    # power-of-two operand scales per row (torchao rowwise) or per 32 along K (OCP MX); float32 sums.
+    # L-Mul arms take e4m3 operands (bf16 cannot be scaled); mxfp4: fp4 e2m1 elements, mx scales
+    "e4m3-row": (dict(fmt="e4m3", mode="exact", scaling="row"), "attention"),
+    "e4m3-mx": (dict(fmt="e4m3", mode="exact", scaling="mx"), "attention"),
+    "e5m2-row": (dict(fmt="e5m2", mode="exact", scaling="row"), "attention"),
+    "e5m2-mx": (dict(fmt="e5m2", mode="exact", scaling="mx"), "attention"),
+    "lmul-row": (dict(fmt="e4m3", mode="bit", scaling="row"), "attention"),
+    "lmul-mx": (dict(fmt="e4m3", mode="bit", scaling="mx"), "attention"),
+    "mxfp4": (dict(fmt="fp4", mode="exact", scaling="mx"), "attention"),
+    "lmul-mxfp4": (dict(fmt="fp4", mode="bit", scaling="mx"), "attention"),
+    "e4m3-all-row": (dict(fmt="e4m3", mode="exact", scaling="row"), "all"),
+    "e4m3-all-mx": (dict(fmt="e4m3", mode="exact", scaling="mx"), "all"),
+    "e5m2-all-row": (dict(fmt="e5m2", mode="exact", scaling="row"), "all"),
+    "e5m2-all-mx": (dict(fmt="e5m2", mode="exact", scaling="mx"), "all"),
+    "lmul-all-k3-row": (dict(fmt="e4m3", mode="bit", scaling="row"), "all"),
+    "lmul-all-k3-mx": (dict(fmt="e4m3", mode="bit", scaling="mx"), "all"),
+    "mxfp4-all": (dict(fmt="fp4", mode="exact", scaling="mx"), "all"),
+    "lmul-all-mxfp4": (dict(fmt="fp4", mode="bit", scaling="mx"), "all"),
 }
 
 
@@ -106,6 +137,9 @@ class LMulSpec:
     backward: str = field(default="exact", metadata=dict(
         help="gradient products: exact (straight-through, exact products of the quantized operands) or same "
              "(the backward matmuls/products use this spec)", choices=BACKWARDS))
+    scaling: str = field(default="none", metadata=dict(
+        help="operand scaling (power-of-two scales): none, tensor, row, block (1x128 / 128x128) or mx (32 along K)",
+        choices=SCALINGS))
 
     def __post_init__(self) -> None:
         fmt = _format("fmt", self.fmt)
@@ -126,6 +160,12 @@ class LMulSpec:
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend must be a backend name or 'auto', got backend={self.backend!r}")
         _choice("backward", self.backward, BACKWARDS)
+        if _choice("scaling", self.scaling, SCALINGS) != "none" and fmt.exp_bits > SCALING_MAX_EXP_BITS:
+            raise ValueError(
+                f"scaling={self.scaling!r} needs an operand format with at most {SCALING_MAX_EXP_BITS} exponent bits, "
+                f"got fmt={fmt.name!r} ({fmt.exp_bits}): a power-of-two scale cannot widen a format that already has "
+                "(nearly) float32's exponent range, and its scaled products would overflow float32 "
+                "(scale e4m3, e5m2, fp4, fp16, eXmY with X <= 6)")
         set_("_name", self._make_name())  # precomputed: the custom ops take the spec by name
         del mode, rounding
 
@@ -150,6 +190,8 @@ class LMulSpec:
             parts.append("c" + repr(self.offset).replace("e-", "em"))  # 1e-07 -> c1em07 ('-' separates parts)
         if self.rounding != "rne":
             parts.append(self.rounding)
+        if self.scaling != "none":
+            parts.append(self.scaling)
         if self.acc is not None or self.acc_block != 1:
             parts.append(f"acc{self.acc_name}" + (f"x{self.acc_block}" if self.acc_block != 1 else ""))
         if self.backward != "exact":
@@ -164,7 +206,8 @@ class LMulSpec:
     def to_dict(self) -> dict:
         """Plain JSON-able fields (formats by name), for result files."""
         return dict(name=self.name, fmt=self.fmt.name, mode=self.mode, offset=self.offset, rounding=self.rounding,
-                    acc=self.acc_name, acc_block=self.acc_block, backend=self.backend, backward=self.backward)
+                    acc=self.acc_name, acc_block=self.acc_block, backend=self.backend, backward=self.backward,
+                    scaling=self.scaling)
 
     def replace(self, **changes) -> LMulSpec:
         """A copy with some fields changed (validated again). Changing ``fmt`` or ``mode`` of a spec
@@ -255,7 +298,8 @@ def _parse_name(name: str) -> dict:
     if match is None:
         raise ValueError(
             f"unknown spec {name!r}: use a preset ({', '.join(PRESETS)}) or <fmt>-<mode>[-c<offset>][-trunc]"
-            "[-acc<fmt>[x<block>]][-<backend>], e.g. bf16-bit, e8m3-bit-trunc, e4m3-exact-acce4m3x16"
+            "[-tensor|-row|-block|-mx][-acc<fmt>[x<block>]][-<backend>], e.g. bf16-bit, e8m3-bit-trunc, "
+            "e4m3-exact-acce4m3x16, e4m3-bit-row"
         )
     out: dict[str, Any] = dict(fmt=match["fmt"], mode=match["mode"])
     parts = [p for p in match["rest"].split("-") if p]
@@ -267,6 +311,8 @@ def _parse_name(name: str) -> dict:
                 out["offset"] = float(part[1:].replace("em", "e-"))
             except ValueError as err:
                 raise ValueError(f"spec {name!r}: offset part {part!r} is not a number") from err
+        elif part in SCALINGS[1:]:
+            out["scaling"] = part
         elif part in ("bwexact", "bwsame"):
             out["backward"] = part[2:]
         elif part.startswith("acc"):
@@ -282,8 +328,8 @@ def _parse_name(name: str) -> dict:
 
 @lru_cache(maxsize=4096, typed=True)
 def _cached(fmt: FormatLike, mode: str, offset: Optional[float], rounding: str, acc: Any, acc_block: int,
-            backend: str) -> LMulSpec:
-    return LMulSpec(fmt, mode, offset, rounding, acc, acc_block, backend)  # backward: the default
+            backend: str, scaling: str = "none") -> LMulSpec:
+    return LMulSpec(fmt, mode, offset, rounding, acc, acc_block, backend, scaling=scaling)  # backward: default
 
 
 def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
@@ -305,7 +351,7 @@ def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
     full.update(options)
     try:
         return _cached(full["fmt"], full["mode"], full["offset"], full["rounding"], full["acc"], full["acc_block"],
-                       full["backend"])
+                       full["backend"], full["scaling"])
     except TypeError:  # an unhashable option (a list ...): validate it uncached, for the error message
         return LMulSpec(**full)
 
@@ -313,7 +359,7 @@ def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
 _MISSING = object()
 # the default values of lmul.mul / lmul.matmul's keyword options, as the functions spell them
 _CALL_DEFAULTS = {"fmt": "bf16", "mode": "bit", "offset": None, "rounding": "rne", "acc": "fp32", "backend": "auto",
-                  "acc_block": 1}
+                  "acc_block": 1, "scaling": "none"}
 
 
 def _same(value: Any, default: Any) -> bool:

@@ -147,3 +147,41 @@ def test_scaled_fp8_arm():
     ref = errors.real_relative_errors(a * 2.0**21, b * 2.0**7, errors.REAL_BASELINES[0])
     assert torch.equal(scaled, ref)
     assert scaled.abs().max() < 2.0**-3
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_scaled_arms_equal_an_independent_mx_oracle(fmt):
+    # lmul analyze's MXFP8 rows: each operand set one row, 32 consecutive values per E8M0 scale
+    # (tests/test_patch_scaled.py's float64 oracle: floor(log2 amax) - emax, nearest-value rounding, spec products)
+    import numpy as np
+
+    from tests.oracle import default_offset, spec_products
+    from tests.test_patch_scaled import ORACLE_FMT, _oracle_scaled
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(1000, generator=g) * torch.exp2(torch.randint(-20, 20, (1000,), generator=g).float())
+    b = torch.randn(1000, generator=g)
+    a[7] = 0.0
+    e, m = ORACLE_FMT[fmt][:2]
+    for arm in [x for x in errors.SCALED_ARMS if x.fmt == fmt]:
+        keep = (a.double() * b.double() != 0).numpy()
+        av, bv = a.numpy()[keep], b.numpy()[keep]
+        qa, sa = _oracle_scaled(av, fmt, "mx")
+        qb, sb = _oracle_scaled(bv, fmt, "mx")
+        p = (spec_products(qa, qb, e, m, arm.mode, default_offset(m)).astype(np.float64) * sa * sb).astype(np.float32)
+        expected = p[0].astype(np.float64) / (av.astype(np.float64) * bv.astype(np.float64)) - 1.0
+        got = errors.real_relative_errors(a, b, arm)
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_analysis_report_has_the_scaled_rows(tmp_path):
+    from lmul.analysis import report
+
+    res = report.run_analysis(report.AnalyzeConfig(out=str(tmp_path), max_bits=3, n_pairs=2048),
+                              progress=lambda *a: None)
+    s = res["real"]["N(0,1) x N(0,1) (synthetic)"]["scaled"]
+    assert list(s) == [arm.label for arm in errors.SCALED_ARMS]
+    # the exact product of MX elements beats L-Mul on them; MXFP4's 1-bit mantissa is far coarser than MXFP8's
+    assert s["MXFP8 e4m3 multiply"]["mean_abs"] < s["MXFP8 e4m3 L-Mul"]["mean_abs"] < s["MXFP4 multiply"]["mean_abs"]
+    md = (tmp_path / "analysis.md").read_text()
+    assert f"| MXFP4 L-Mul | {s['MXFP4 L-Mul']['mean_abs']:.4f} |" in md and "| MXFP8 e5m2 multiply |" in md

@@ -105,6 +105,19 @@ PRESET_TABLE = [
     ("lmul-formula", dict(fmt="bf16", mode="formula", scope="attention")),
     ("mitchell", dict(fmt="bf16", mode="bit", offset=0.0, scope="attention")),
     ("lmul-all", dict(fmt="bf16", mode="bit", scope="all")),
+    # issue 27: Table 6's precision accumulator, and fp8/fp4 with power-of-two operand scales
+    ("e4m3-all-p", dict(fmt="e4m3", mode="exact", acc="e8m3", acc_block=128, scope="all")),
+    ("e5m2-all-p", dict(fmt="e5m2", mode="exact", acc="e8m2", acc_block=128, scope="all")),
+    ("lmul-all-k3-p", dict(fmt="e4m3", mode="bit", acc="e8m3", acc_block=128, scope="all")),
+    ("e4m3-row", dict(fmt="e4m3", mode="exact", scaling="row", scope="attention")),
+    ("e4m3-mx", dict(fmt="e4m3", mode="exact", scaling="mx", scope="attention")),
+    ("e5m2-row", dict(fmt="e5m2", mode="exact", scaling="row", scope="attention")),
+    ("lmul-mx", dict(fmt="e4m3", mode="bit", scaling="mx", acc=None, scope="attention")),
+    ("mxfp4", dict(fmt="fp4", mode="exact", scaling="mx", scope="attention")),
+    ("lmul-mxfp4", dict(fmt="fp4", mode="bit", offset=None, scaling="mx", scope="attention")),
+    ("e4m3-all-row", dict(fmt="e4m3", mode="exact", scaling="row", acc=None, scope="all")),
+    ("lmul-all-k3-row", dict(fmt="e4m3", mode="bit", scaling="row", acc=None, scope="all")),
+    ("lmul-all-k3-mx", dict(fmt="e4m3", mode="bit", scaling="mx", acc=None, scope="all")),
 ]
 
 
@@ -113,7 +126,7 @@ def test_presets(name, fields):
     cfg = LMulConfig.from_name(name)
     for k, v in fields.items():
         got = getattr(cfg.placement if k in ("scope", "layers") else cfg.spec, k)
-        if k == "fmt":
+        if k in ("fmt", "acc") and got is not None:
             got = got.name
         if k == "offset" and v is None:  # the paper's default c = 2^-l(m), resolved in the spec
             got, v = cfg.spec.default_offset, True

@@ -30,12 +30,12 @@ import torch
 
 from lmul.elementwise import mul
 from lmul.formats import Format, quantize
-from lmul.spec import offset_exponent
+from lmul.spec import LMulSpec, offset_exponent
 
 __all__ = [
     "EXHAUSTIVE_ARMS", "ErrorStats", "Arm", "mantissa_grid", "grid_pairs", "arm_products",
     "relative_errors", "stats", "exhaustive_stats", "offset_sweep", "best_offsets", "REAL_BASELINES",
-    "real_arm", "real_relative_errors",
+    "SCALED_ARMS", "real_arm", "real_relative_errors",
 ]
 
 MAX_EXHAUSTIVE_BITS = 10  # 2^20 pairs
@@ -172,6 +172,7 @@ class Arm:
     mode: str
     offset: Optional[float] = None
     scaled: bool = False  # per-tensor power-of-two scaling of each operand set to the format's max
+    scaling: str = "none"  # lmul.scaling groups (``"mx"``: 32 consecutive values of each operand set share a scale)
 
 
 # the fp8 multipliers of the paper's Figure 3: fp8 operands, exact product (fp32 accumulation);
@@ -180,6 +181,15 @@ REAL_BASELINES = (
     Arm("fp8 e4m3 multiply", "e4m3", "exact"), Arm("fp8 e5m2 multiply", "e5m2", "exact"),
     Arm("fp8 e4m3 multiply, scaled", "e4m3", "exact", scaled=True),
     Arm("fp8 e5m2 multiply, scaled", "e5m2", "exact", scaled=True),
+)
+
+
+# the formats as scaled hardware runs them (lmul.scaling, OCP MX v1.0): E8M0 power-of-two scales per 32
+# consecutive operand values, elements in fp8/fp4; the exact product of the elements beside L-Mul on them
+SCALED_ARMS = (
+    Arm("MXFP8 e4m3 multiply", "e4m3", "exact", scaling="mx"), Arm("MXFP8 e4m3 L-Mul", "e4m3", "bit", scaling="mx"),
+    Arm("MXFP8 e5m2 multiply", "e5m2", "exact", scaling="mx"), Arm("MXFP8 e5m2 L-Mul", "e5m2", "bit", scaling="mx"),
+    Arm("MXFP4 multiply", "fp4", "exact", scaling="mx"), Arm("MXFP4 L-Mul", "fp4", "bit", scaling="mx"),
 )
 
 
@@ -194,14 +204,20 @@ def real_relative_errors(a: torch.Tensor, b: torch.Tensor, arm: Arm) -> torch.Te
     """Relative error of ``arm`` on the pairs ``(a_i, b_i)`` against the float64 product of the
     unrounded operands (so operand quantization, underflow included, counts). Pairs whose exact
     product is zero are dropped. A ``scaled`` arm multiplies each operand set by the power of two
-    ``2^floor(log2(max / amax))`` before quantizing and divides the product by both (exactly)."""
+    ``2^floor(log2(max / amax))`` before quantizing and divides the product by both (exactly). An arm
+    with ``scaling`` runs :func:`lmul.mul` with that spec on the kept pairs in order: each operand set is
+    one row, so ``"mx"`` gives every 32 consecutive values of it one scale (``fl32(2^(sa+sb) P(qa, qb))``,
+    ``docs/patching.md``)."""
     a, b = a.float().flatten(), b.float().flatten()
     if a.shape != b.shape:
         raise ValueError(f"operand pairs must have the same length, got {a.numel()} and {b.numel()}")
     exact = a.double() * b.double()
     keep = exact != 0
     a, b, exact = a[keep], b[keep], exact[keep]
-    if arm.scaled:
+    if arm.scaling != "none":
+        spec = LMulSpec(arm.fmt, arm.mode, arm.offset, scaling=arm.scaling)
+        p = mul(a[None], b[None], spec=spec)[0].double()
+    elif arm.scaled:
         fmax = Format.parse(arm.fmt).max
         sa, sb = (2.0 ** math.floor(math.log2(fmax / t.abs().max().item())) for t in (a, b))
         p = mul(a * sa, b * sb, arm.fmt, arm.mode, arm.offset).double() / (sa * sb)

@@ -72,8 +72,9 @@ def offsets_section(ks: range) -> dict:
 
 
 def real_section(a: torch.Tensor, b: torch.Tensor, ks: range) -> dict:
-    """Errors of L-Mul (bit mode, e8m{k}) for every valid offset exponent ``l <= k`` and of the
-    fp8 multiplies on the operand pairs ``(a, b)``."""
+    """Errors of L-Mul (bit mode, e8m{k}) for every valid offset exponent ``l <= k``, of the
+    fp8 multiplies and of the MX-scaled formats (:data:`~lmul.analysis.errors.SCALED_ARMS`) on the
+    operand pairs ``(a, b)``."""
     res: dict = {"n": int(a.numel()), "by_l": {}, "default": {}, "baselines": {}}
     for k in ks:
         res["by_l"][str(k)] = {
@@ -85,6 +86,11 @@ def real_section(a: torch.Tensor, b: torch.Tensor, ks: range) -> dict:
         rel = errors.real_relative_errors(a, b, arm)
         flushed = float((rel == -1).double().mean())
         res["baselines"][arm.label] = {**errors.stats(rel).as_dict(), "flushed_to_zero": flushed}
+    res["scaled"] = {}
+    for arm in errors.SCALED_ARMS:  # MXFP8 / MXFP4: exact products of the elements beside L-Mul on them
+        rel = errors.real_relative_errors(a, b, arm)
+        flushed = float((rel == -1).double().mean())
+        res["scaled"][arm.label] = {**errors.stats(rel).as_dict(), "flushed_to_zero": flushed}
     return res
 
 
@@ -172,6 +178,12 @@ def _markdown(res: dict, ks: range) -> str:
             md.append(f"| {k} | " + " | ".join(cells) + f" | {r['default'][str(k)]['mean_abs']:.4f} |")
         md += [""] + [f"- {label}: mean {s['mean_abs']:.4f}, RMS {s['rms']:.4f}, bias {s['bias']:+.4f}, "
                       f"flushed to zero {s['flushed_to_zero']:.2%}" for label, s in r["baselines"].items()] + [""]
+        if r.get("scaled"):
+            md += ["Scaled formats as run (OCP MX: every 32 consecutive values of each operand set share a "
+                   "power-of-two E8M0 scale; elements in the format, saturating):", "",
+                   "| arm | mean | RMS | max | bias | flushed to zero |", "|---|---|---|---|---|---|"]
+            md += [f"| {label} | {s['mean_abs']:.4f} | {s['rms']:.4f} | {s['max_abs']:.4f} | {s['bias']:+.4f} | "
+                   f"{s['flushed_to_zero']:.2%} |" for label, s in r["scaled"].items()] + [""]
     md += ["## Gate counts (NAND gates; full adder 11, half adder 5, XOR 4)", "", gates.gate_markdown(res["gates"]), "",
            "## The paper's gate counts and energy figures beside ours", "",
            paper_comparison_markdown(res["paper_comparison"]), "",

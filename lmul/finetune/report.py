@@ -133,7 +133,8 @@ def render(res: dict) -> str:
         else:
             s = spec["spec"]
             acc = f", accumulator {s['acc']} rounded every {s['acc_block']} products" if _has_acc(spec) else ""
-            L.append(f"- `{arm}`: `{s['name']}` ({s['mode']} mode on {s['fmt']} operands{acc}; gradients: "
+            scaled = f" scaled per {s['scaling']}" if s.get("scaling", "none") != "none" else ""
+            L.append(f"- `{arm}`: `{s['name']}` ({s['mode']} mode on {s['fmt']} operands{scaled}{acc}; gradients: "
                      f"{s['backward']})")
     L += ["", "## Paper Table 6 beside ours", ""]
     L.append("GSM8k zero-shot exact match, %, after fine-tuning, evaluated under the arithmetic it was trained "
