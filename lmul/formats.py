@@ -4,7 +4,9 @@ A format ``Format(E, m, finite_only)`` has a sign bit, an E-bit exponent field w
 ``2^(E-1) - 1`` and an m-bit mantissa field. Normal values are ``(-1)^s (1 + M/2^m) 2^(e)`` with
 ``emin <= e <= emax``; subnormals are ``(-1)^s (M/2^m) 2^emin``. An IEEE-like format keeps the
 all-ones exponent field for inf/NaN; a ``finite_only`` format (fp8 e4m3fn) uses it for finite
-values and keeps only the all-ones pattern ``S.1..1.1..1`` for NaN.
+values and keeps only the all-ones pattern ``S.1..1.1..1`` for NaN; a ``finite_only`` format with
+``no_nan`` (the OCP MX element formats, FP4 E2M1 = :data:`E2M1`) has neither inf nor NaN: every
+encoding is a finite value.
 
 Every value of every format is exactly representable in float32 (E <= 8, m <= 23), so
 :func:`quantize` returns float32 tensors. See ``docs/semantics.md`` section 1.
@@ -19,7 +21,8 @@ from typing import Literal, Union
 
 import torch
 
-__all__ = ["Format", "FormatLike", "E4M3", "E5M2", "BF16", "FP16", "FP32", "quantize", "check_float", "check_devices"]
+__all__ = ["Format", "FormatLike", "E4M3", "E5M2", "E2M1", "BF16", "FP16", "FP32", "quantize", "check_float",
+           "check_devices"]
 
 Rounding = Literal["rne", "trunc"]
 Overflow = Literal["saturate", "ieee"]
@@ -37,12 +40,15 @@ class Format:
 
     ``bias = 2^(E-1) - 1``, ``emin = 1 - bias``. IEEE-like: ``emax = 2^E - 2 - bias`` and
     ``max = (2 - 2^-m) 2^emax``; ``finite_only``: ``emax = 2^E - 1 - bias`` and
-    ``max = (2 - 2^(1-m)) 2^emax``. Subnormals exist in every format.
+    ``max = (2 - 2^(1-m)) 2^emax``; ``finite_only`` with ``no_nan`` (no NaN encoding either, OCP MX
+    v1.0's FP4/FP6 elements): ``emax = 2^E - 1 - bias``, ``max = (2 - 2^-m) 2^emax`` (E2M1: 6).
+    Subnormals exist in every format.
     """
 
     exp_bits: int
     man_bits: int
     finite_only: bool = False
+    no_nan: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.exp_bits, bool) or not isinstance(self.exp_bits, int) or not 1 <= self.exp_bits <= 8:
@@ -51,7 +57,10 @@ class Format:
             raise ValueError(f"man_bits must be an int in 0..23, got man_bits={self.man_bits!r}")
         if not isinstance(self.finite_only, bool):
             raise ValueError(f"finite_only must be a bool, got finite_only={self.finite_only!r}")
-        if self.finite_only and self.man_bits == 0:
+        if not isinstance(self.no_nan, bool) or (self.no_nan and not self.finite_only):
+            raise ValueError(f"no_nan=True needs finite_only=True (an IEEE-like format keeps NaN), got "
+                             f"no_nan={self.no_nan!r}, finite_only={self.finite_only!r}")
+        if self.finite_only and self.man_bits == 0 and not self.no_nan:
             raise ValueError("a finite_only format needs man_bits >= 1 (its NaN is S.1..1.1..1)")
 
     # -- derived facts (the only place they are spelled out) ---------------------------------
@@ -80,7 +89,7 @@ class Format:
         m = self.man_bits
         if self.emax < self.emin:  # E = 1, IEEE-like: only subnormals are finite
             return (1 - 2.0**-m) * 2.0**self.emin
-        top = 2 - 2.0 ** (1 - m) if self.finite_only else 2 - 2.0**-m
+        top = 2 - 2.0 ** (1 - m) if self.finite_only and not self.no_nan else 2 - 2.0**-m
         return top * 2.0**self.emax
 
     @property
@@ -103,6 +112,8 @@ class Format:
             if fmt == self:
                 return alias
         base = f"e{self.exp_bits}m{self.man_bits}"
+        if self.no_nan:
+            return base + "fnn"
         if self.finite_only:
             return base + "fn"
         return base + ("ieee" if base in _NAMED else "")
@@ -112,8 +123,8 @@ class Format:
 
     @staticmethod
     def parse(spec: FormatLike) -> Format:
-        """Turn ``"e4m3" | "e5m2" | "bf16" | "fp16" | "fp32" | "eXmY[fn|ieee]"``, a torch
-        floating dtype, or a :class:`Format` into a :class:`Format`."""
+        """Turn ``"e4m3" | "e5m2" | "fp4" | "bf16" | "fp16" | "fp32" | "eXmY[fn|fnn|ieee]"``, a torch
+        floating dtype, or a :class:`Format` into a :class:`Format` (``fnn``: finite, no NaN)."""
         if isinstance(spec, Format):
             return spec
         if isinstance(spec, torch.dtype):
@@ -127,13 +138,14 @@ class Format:
         key = _ALIASES.get(key, key)
         if key in _NAMED:
             return _NAMED[key]
-        match = re.fullmatch(r"e(\d+)m(\d+)(fn|ieee)?", key)
+        match = re.fullmatch(r"e(\d+)m(\d+)(fnn|fn|ieee)?", key)
         if match is None:
             raise ValueError(
                 f"unknown format {spec!r}: use one of {', '.join(_NAMED)}, or 'eXmY' with 1 <= X <= 8, "
-                "0 <= Y <= 23 (suffix 'fn' for finite-only, e.g. 'e8m3', 'e4m3fn', 'e5m6')"
+                "0 <= Y <= 23 (suffix 'fn' for finite-only, 'fnn' for finite without NaN, e.g. 'e8m3', "
+                "'e4m3fn', 'e2m1fnn', 'e5m6')"
             )
-        return Format(int(match[1]), int(match[2]), finite_only=match[3] == "fn")
+        return Format(int(match[1]), int(match[2]), finite_only=match[3] in ("fn", "fnn"), no_nan=match[3] == "fnn")
 
     def torch_dtype(self) -> torch.dtype | None:
         """The torch dtype with exactly this format, if there is one."""
@@ -144,14 +156,15 @@ FormatLike = Union[Format, str, torch.dtype]
 
 E4M3 = Format(4, 3, finite_only=True)
 E5M2 = Format(5, 2)
+E2M1 = Format(2, 1, finite_only=True, no_nan=True)  # OCP MX v1.0 FP4: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, no inf/NaN
 BF16 = Format(8, 7)
 FP16 = Format(5, 10)
 FP32 = Format(8, 23)
 
-_NAMED = {"e4m3": E4M3, "e5m2": E5M2, "bf16": BF16, "fp16": FP16, "fp32": FP32}
+_NAMED = {"e4m3": E4M3, "e5m2": E5M2, "fp4": E2M1, "bf16": BF16, "fp16": FP16, "fp32": FP32}
 _ALIASES = {
     "float8_e4m3fn": "e4m3", "e4m3fn": "e4m3", "float8_e5m2": "e5m2", "bfloat16": "bf16",
-    "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
+    "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32", "float4_e2m1fn": "fp4", "mxfp4": "fp4",
 }
 _DTYPES = {
     "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,

@@ -152,6 +152,10 @@ def _acc_pieces(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
     """The L-Matmul of validated operands (the custom op's implementation)."""
+    if spec.scaling != "none":  # scales from the whole operands, then the unscaled path on wide operands
+        from lmul.scaling import scaled_matmul
+
+        return scaled_matmul(a, b, spec)
     batch, m, k, n = _shapes(a.shape, b.shape)
     shape = _out_shape(a.shape, b.shape)
     a2 = a.unsqueeze(0) if a.dim() == 1 else a
@@ -223,6 +227,7 @@ def matmul(
     acc_block: int = 1,
     *,
     spec: Optional[LMulSpec] = None,
+    scaling: str = "none",
 ) -> torch.Tensor:
     """L-Matmul of ``a`` and ``b`` with :func:`torch.matmul` shapes, returned as float32.
 
@@ -235,6 +240,8 @@ def matmul(
 
     The multiply is given either by the keyword options or as one :class:`~lmul.spec.LMulSpec`
     (``spec=``, or in place of ``fmt``). ``backend`` is ``"auto"`` or a name of :func:`lmul.backends`.
+    ``scaling`` (``"none"``, ``"tensor"``, ``"row"``, ``"block"``, ``"mx"``): power-of-two operand scales,
+    ``C = sum_k 2^(sa + sb) P(q(a 2^-sa), q(b 2^-sb))`` (:mod:`lmul.scaling`, docs/semantics.md section 7).
     Gradients (when an operand requires them) are the straight-through ones of :mod:`lmul.autograd`.
     """
     a = check_float(a, "a")  # float8 -> float32 (exact); sparse / nested refused
@@ -245,7 +252,7 @@ def matmul(
     if spec is not None and backend != "auto":  # backend= picks where a given spec runs
         spec, backend = spec.replace(backend=backend), "auto"
     spec = resolve_spec(spec, fmt=fmt, mode=mode, offset=offset, rounding=rounding, acc=acc, backend=backend,
-                        acc_block=acc_block)
+                        acc_block=acc_block, scaling=scaling)
     _shapes(a.shape, b.shape)
     if spec.backend != "auto":
         kernels.select("matmul", a, spec)  # a named backend that cannot run raises here, with its reason
