@@ -10,18 +10,16 @@ sections kept).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lmul.bench import best_times, machine_line
+from lmul.files import replace_section
 from lmul.matmul import matmul
 
 KEY = "acc"
-START, END = f"<!-- lmul-bench:{KEY}:start -->", f"<!-- lmul-bench:{KEY}:end -->"
 
 
 def target(block: int) -> float:
@@ -47,7 +45,7 @@ def run(size: int, configs: list[tuple[str, str]], blocks: list[int], backend: s
 
 
 def write(rows: list[dict], path: Path, command: str, size: int, backend: str, acc: str) -> None:
-    lines = [START, f"Machine: {machine_line('cpu')}. Command: `{command}`.",
+    lines = [f"Machine: {machine_line('cpu')}. Command: `{command}`.",
              f"`a`, `b`: float32 randn [{size}, {size}] (seed 0), backend `{backend}`; ratio = "
              f"`acc=\"{acc}\"` time / `acc=\"fp32\"` time (same backend, mode, format), best of interleaved "
              "repeats, whole call (quantize, prepare, multiply, fix-up).", "",
@@ -58,17 +56,8 @@ def write(rows: list[dict], path: Path, command: str, size: int, backend: str, a
         verdict = "" if t != t else ("met" if r["ratio"] <= t else f"MISSED by {r['ratio'] / t:.2f}x")
         lines.append(f"| {r['mode']} | {r['fmt']} | {r['block']} | {r['fp32'] * 1e3:.1f} ms | {r['acc'] * 1e3:.1f} ms "
                      f"| {r['ratio']:.2f}x | {'' if t != t else f'<= {t:g}x'} | {verdict} |")
-    lines.append(END)
     body = "\n".join(lines)
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + body + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n### Reduced-precision accumulation: `acc`\n\n" + body + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
+    replace_section(path, KEY, "Reduced-precision accumulation: `acc`", body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -33,6 +32,7 @@ import torch
 import lmul
 from lmul import kernels
 from lmul.config import LMulConfig
+from lmul.files import write_json
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -132,10 +132,7 @@ def main(argv=None) -> None:
         print(json.dumps(row))
     results["backends_registered"] = sorted({b.name for b in kernels.BACKENDS if b.op == "matmul"})
     if args.out:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)) or ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, args.out)
+        write_json(args.out, results, indent=2)
 
 
 if __name__ == "__main__":

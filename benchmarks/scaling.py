@@ -11,18 +11,16 @@ scales, element quantization, the wide operands ``q X`` and the kernel. Prints t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lmul.bench import best_times, machine_line
+from lmul.files import replace_section
 from lmul.matmul import matmul
 
 KEY = "scaling"
-START, END = f"<!-- lmul-bench:{KEY}:start -->", f"<!-- lmul-bench:{KEY}:end -->"
 TARGET = 1.15
 
 
@@ -46,7 +44,7 @@ def run(size: int, configs: list[tuple[str, str]], scalings: list[str], backends
 
 
 def write(rows: list[dict], path: Path, command: str, size: int, threads: int) -> None:
-    lines = [START, f"Machine: {machine_line('cpu')}. Command: `{command}`.",
+    lines = [f"Machine: {machine_line('cpu')}. Command: `{command}`.",
              f"`a`, `b`: float32 randn [{size}, {size}] (seed 0), torch threads {threads or 'default'}; ratio = "
              "scaled time / unscaled time (same backend, mode, format), best of interleaved repeats, whole call "
              "(amax, scales, element quantization, wide operands, kernel).", "",
@@ -56,17 +54,8 @@ def write(rows: list[dict], path: Path, command: str, size: int, threads: int) -
         verdict = "met" if r["ratio"] <= TARGET else f"MISSED by {r['ratio'] / TARGET:.2f}x"
         lines.append(f"| {r['backend']} | {r['mode']} | {r['fmt']} | {r['scaling']} | {r['base'] * 1e3:.1f} ms "
                      f"| {r['scaled'] * 1e3:.1f} ms | {r['ratio']:.2f}x | <= {TARGET:g}x | {verdict} |")
-    lines.append(END)
     body = "\n".join(lines)
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + body + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n### Scaled operands: `scaling`\n\n" + body + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
+    replace_section(path, KEY, "Scaled operands: `scaling`", body)
 
 
 def main(argv: list[str] | None = None) -> int:
