@@ -242,6 +242,12 @@ def test_readings(tmp_path, tok):
     assert r1["loss"]["mean"] != rout["loss"]["mean"]
     with pytest.raises(ValueError, match="has a reduced-precision accumulator"):
         readings(FinetuneConfig(arms=("exact",), **SMALL), tmp_path, loader=loader_for(tok), items=ITEMS)
+    # scaled operands without an accumulator: read once, under the arm's own arithmetic (block "none")
+    readings(FinetuneConfig(arms=("e4m3-all-row",), **SMALL), tmp_path / "s", blocks=(128,), n_items=2,
+             loader=loader_for(tok), items=ITEMS)
+    assert sorted(p.name for p in (tmp_path / "s" / "readings").glob("*.json")) == ["e4m3-all-row-xnone.json"]
+    rrow = json.loads((tmp_path / "s" / "readings" / "e4m3-all-row-xnone.json").read_text())
+    assert rrow["arith"]["spec"]["scaling"] == "row" and rrow["arith"]["spec"]["acc"] == "fp32"
 
 
 # ---- the CLI -----------------------------------------------------------------------------------

@@ -344,6 +344,9 @@ def readings(cfg: FinetuneConfig, out: Path, blocks: tuple = READ_BLOCKS, n_item
     accumulator format every ``b`` products for ``b`` in ``blocks`` (``"out"``: once, at the output;
     ``"none"``: no accumulator rounding, float32 sums: what the operand format alone does).
 
+    Arms with scaled operands and no accumulator (``<arm>-row``, ``-mx``: float32 sums) are read once,
+    under their own arithmetic, as block ``"none"`` whatever ``blocks`` says.
+
     Writes ``<out>/readings/<arm>-x<b>.json`` (keys ``arm``, ``acc_block``, ``loss``, ``bpb``,
     ``wall_s``, ``gold``) for the first ``n_items`` held-out items (default ``cfg.n_eval``); finished
     readings are skipped. Locked on ``<out>/readings`` alone, so it may run beside :func:`run`."""
@@ -353,16 +356,21 @@ def readings(cfg: FinetuneConfig, out: Path, blocks: tuple = READ_BLOCKS, n_item
     for b in blocks:
         if b not in ("out", "none") and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"reading blocks must be ints >= 1 or 'out', got {b!r}")
-    arms = [a for a in cfg.arms if PRESETS[a][0].get("acc") is not None and PRESETS[a][1] != "none"]
+    def _acc(a):
+        return PRESETS[a][0].get("acc") is not None
+
+    arms = [a for a in cfg.arms if PRESETS[a][1] != "none"
+            and (_acc(a) or PRESETS[a][0].get("scaling", "none") != "none")]
     if not arms:
-        raise ValueError(f"none of the arms {list(cfg.arms)} has a reduced-precision accumulator to read")
+        raise ValueError(f"none of the arms {list(cfg.arms)} has a reduced-precision accumulator to read "
+                         f"or scaled operands")
     loader, items = _sources(cfg, loader, items, allow_fetch)
     held = data.split(items)[1][:n_items or cfg.n_eval]
     folder = out / "readings"
     model = tok = None
     with store.run_lock(folder):
         for arm in arms:
-            for b in blocks:
+            for b in (blocks if _acc(arm) else ("none",)):
                 path = folder / f"{arm}-x{b}.json"
                 if path.exists():
                     continue
