@@ -172,6 +172,15 @@ def test_report(full_run):
     assert is_finetune_run(out) and render(assemble(out)) == text
 
 
+def test_report_readings_compare_with_their_own_e4m3_arm():
+    from lmul.finetune.report import _family, _t6_ref
+
+    assert _family("lmul-all-k3-p") == ("lmul-all-k3", "-p") and _family("e5m2-all-row") == ("e5m2-all", "-row")
+    assert _family("lmul-all-k3") == ("lmul-all-k3", "") and _family("lmul-all-mxfp4") == ("lmul-all-mxfp4", "")
+    assert _t6_ref("lmul-all-k3-p") == "e4m3-all-p" and _t6_ref("e4m3-all-mx") == "e4m3-all-mx"
+    assert _t6_ref("e5m2-all") == "e4m3-all" and _t6_ref("exact") == "e4m3-all"
+
+
 def test_rerun_is_a_no_op_and_other_settings_are_refused(full_run, tok):
     cfg, out = full_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "config.json"}

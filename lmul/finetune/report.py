@@ -18,6 +18,20 @@ from lmul.files import atomic_write, save_figure, write_json
 
 PAPER_ARM = {"e4m3-all": "e4m3", "e5m2-all": "e5m2", "lmul-all-k3": "lmul-all"}  # ours -> Table 6's column
 T6_REF = "e4m3-all"
+READINGS = ("-p", "-row", "-mx")  # other readings of a Table 6 arm (lmul.spec.PRESETS): <arm><suffix>
+
+
+def _family(arm: str) -> tuple[str, str]:
+    """``(Table 6 arm, reading suffix)``: ``"lmul-all-k3-p"`` -> ``("lmul-all-k3", "-p")``."""
+    for suf in READINGS:
+        if arm.endswith(suf) and arm[:-len(suf)] in PAPER_ARM:
+            return arm[:-len(suf)], suf
+    return arm, ""
+
+
+def _t6_ref(arm: str) -> str:
+    """The e4m3 arm an arm is compared with: the one of the same reading (``e4m3-all-p`` for ``-p``)."""
+    return T6_REF + _family(arm)[1]
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -77,11 +91,11 @@ def assemble(out: Path) -> dict:
                           "bpb_vs_exact_ft": _paired(_scores(ref, "bpb"), _scores(ev, "bpb"), seed),
                           "em_vs_exact_ft": _paired(_scores(ref, "em"), _scores(ev, "em"), seed)}
         res["arms"][arm] = row
-    ref = res["arms"].get(T6_REF, {}).get("same")
-    ref_ev = same_evs.get(T6_REF)
     for arm, row in res["arms"].items():
-        if row.get("same") is not None and ref is not None and arm != T6_REF:
+        ref_ev = same_evs.get(_t6_ref(arm))
+        if row.get("same") is not None and ref_ev is not None and arm != _t6_ref(arm):
             ev = same_evs[arm]
+            row["same"]["vs"] = _t6_ref(arm)
             row["same"]["em_vs_e4m3"] = _paired(_scores(ref_ev, "em"), _scores(ev, "em"), seed)
             row["same"]["bpb_vs_e4m3"] = _paired(_scores(ref_ev, "bpb"), _scores(ev, "bpb"), seed)
     for p in sorted((out / "readings").glob("*.json")) if (out / "readings").is_dir() else []:
@@ -139,20 +153,22 @@ def render(res: dict) -> str:
     L += ["", "## Paper Table 6 beside ours", ""]
     L.append("GSM8k zero-shot exact match, %, after fine-tuning, evaluated under the arithmetic it was trained "
              "with. Paper: Gemma2-2b-It (`shared/PAPER.md`); ours: this run, ± standard error; Δ: against the "
-             "e4m3 column (the paper prints no unquantized row), ours with its paired 95% bootstrap CI.")
+             "e4m3 column (the paper prints no unquantized row), ours with its paired 95% bootstrap CI, against "
+             "the e4m3 arm of the same reading (`e4m3-all`; `e4m3-all-p` for the `-p` arms, `e4m3-all-row` for "
+             "`-row`, `e4m3-all-mx` for `-mx`).")
     L.append("")
-    L.append("| arm | paper | paper Δ vs e4m3 | ours, EM % | ours Δ EM vs e4m3-all | ours, bits per byte | "
-             "ours Δ bpb vs e4m3-all |")
+    L.append("| arm | paper | paper Δ vs e4m3 | ours, EM % | ours Δ EM vs e4m3-all (same reading) | ours, bits per "
+             "byte | ours Δ bpb vs e4m3-all (same reading) |")
     L.append("|---|---|---|---|---|---|---|")
     p_ref = PAPER.get(("table6", "gemma2", "e4m3", "gsm8k"))
     all_zero = True
     for arm, row in res["arms"].items():
-        pa = PAPER.get(("table6", "gemma2", PAPER_ARM.get(arm, ""), "gsm8k"))
-        pd = "" if pa is None or arm == T6_REF else f"{pa - p_ref:+.2f}"
+        pa = PAPER.get(("table6", "gemma2", PAPER_ARM.get(_family(arm)[0], ""), "gsm8k"))
+        pd = "" if pa is None or _family(arm)[0] == T6_REF else f"{pa - p_ref:+.2f}"
         same = row.get("same") or {}
         em = same.get("em")
         all_zero &= bool(em) and em["mean"] == 0
-        ref = arm == T6_REF
+        ref = arm == _t6_ref(arm)
         L.append(f"| {arm} | {pa if pa is not None else '—'} | {pd} | {_m(em, 100, 1)} | "
                  f"{'' if ref else _d(same.get('em_vs_e4m3'), 100, 1)} | {_m(same.get('bpb'))} | "
                  f"{'' if ref else _d(same.get('bpb_vs_e4m3'))} |")
@@ -194,7 +210,10 @@ def render(res: dict) -> str:
                  "products, only once at the output (`out`: the float32 sum rounded to the format), or never "
                  "(`none`: float32 sums, the operand format alone); Δ bpb against the base model under exact "
                  "arithmetic on the same items. The arms of this run use acc block "
-                 f"{_arm_blocks(meta)}.")
+                 f"{_arm_blocks(meta)}." + (" Arms with scaled operands and float32 sums (`-row`, `-mx`) are read "
+                                            "once, under their own arithmetic, as `none`." if any(
+                                                _family(r["arm"])[1] in ("-row", "-mx")
+                                                for r in res["readings"].values()) else ""))
         L.append("")
         L.append("| arm | acc block | loss | bpb | Δ bpb vs exact | wall s |")
         L.append("|---|---|---|---|---|---|")
