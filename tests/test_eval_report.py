@@ -342,3 +342,28 @@ def test_generation_agreement_matches_outputs_by_doc_id():
     assert "### Greedy generations against the exact model's" in text
     assert "| GSM8K | lmul | 4 | 2 / 4 | 1 | 11 |" in text and "| GSM8K | exact | 4 | – | – | 11 |" in text
     assert "### Greedy generations" not in report.render(_results())
+
+
+def test_scaled_operands_table_names_format_scaling_and_product():
+    """Issue 27: with a scaled arm in the run, one row per arm: operands, scaling, product, the pooled
+    acc change against exact, mean KL and top-1; without one, no such section."""
+    from lmul.eval.results import paired_vs_exact
+
+    res = _table5_results()
+    assert "### Scaled operands" not in report.render(res)
+    for a, kl in (("e4m3-mx", 0.5), ("lmul-mxfp4", 0.25)):
+        res["config"]["arms"].append(a)
+        res["tasks"]["mmlu"][a] = res["tasks"]["mmlu"]["lmul-k2"]
+        res["divergence"]["mmlu"][a] = dict(res["divergence"]["mmlu"]["e4m3"], kl=kl, top1=0.5)
+    res["paired_vs_exact"] = paired_vs_exact(res["tasks"], 0)
+    text = report.render(res)
+    assert "### Scaled operands (fp8 / fp4 as really run)" in text
+    rows = {r.split(" | ")[0][2:]: r for r in text.split("### Scaled operands")[1].split("###")[0].splitlines()
+            if r.startswith("| ") and not r.startswith("| arm") and not r.startswith("|---")}
+    assert list(rows) == ["e4m3", "e5m2", "lmul-k4", "lmul-k3", "lmul-k2", "e4m3-mx", "lmul-mxfp4"]
+    assert rows["e4m3"] == "| e4m3 | fp8 e4m3 | none | exact | +0.0 [+0.0, +0.0] (0/0) | 0.02 ± 0.001 | 90.0 |"
+    assert rows["lmul-k3"].startswith("| lmul-k3 | e8m3 (k=3), trunc | none | L-Mul | ")
+    # lmul-k2's answers (exact 1100, arm 0011): two items lost, two gained
+    assert rows["e4m3-mx"].startswith("| e4m3-mx | fp8 e4m3 | per 32 along K (MX) | exact | +0.0 [")
+    assert rows["e4m3-mx"].endswith("(2/2) | 0.5 ± 0.001 | 50.0 |")
+    assert rows["lmul-mxfp4"].startswith("| lmul-mxfp4 | fp4 e2m1 | per 32 along K (MX) | L-Mul | ")

@@ -332,6 +332,52 @@ def _table5(results: dict) -> list[str]:
     return lines + [""]
 
 
+_FMT_NAMES = {"e4m3": "fp8 e4m3", "e5m2": "fp8 e5m2", "fp4": "fp4 e2m1", "bf16": "bf16", "e8m2": "e8m2 (k=2)",
+              "e8m3": "e8m3 (k=3)", "e8m4": "e8m4 (k=4)"}
+_SCALE_NAMES = {"none": "none", "tensor": "per tensor", "row": "per row (rowwise)", "block": "1×128 / 128×128",
+                "mx": "per 32 along K (MX)"}
+
+
+def _operands(arm: str) -> tuple[str, str, str] | None:
+    """(operand format, scaling, product) of a preset arm from :data:`lmul.spec.PRESETS`, or None."""
+    from lmul.spec import PRESETS
+
+    if arm not in PRESETS or arm == "exact":
+        return None
+    kw = PRESETS[arm][0]
+    fmt = _FMT_NAMES.get(kw["fmt"], kw["fmt"]) + (", trunc" if kw.get("rounding") == "trunc" else "")
+    mode = {"exact": "exact", "bit": "L-Mul"}.get(kw["mode"], kw["mode"])
+    return fmt, _SCALE_NAMES.get(kw.get("scaling", "none"), kw.get("scaling", "none")), mode
+
+
+def _scaled_table(results: dict) -> list[str]:
+    """Issue 27: every arm's operands (format, power-of-two scaling, product) beside its pooled
+    accuracy change, mean KL and top-1 agreement, shown when the run has a scaled arm."""
+    from lmul.spec import PRESETS
+
+    arms = [a for a in _arms(results) if _operands(a)]
+    if not any(PRESETS[a][0].get("scaling", "none") != "none" for a in arms):
+        return []
+    tasks = tuple(results["tasks"])
+    div = results.get("divergence") or {}
+    lines = ["### Scaled operands (fp8 / fp4 as really run)", "",
+             "Each arm's operands (scales are powers of two; scaled arms sum in float32), its `acc` change against "
+             "`exact` on all items pooled [95% paired bootstrap CI] (b/c: items only exact / only the arm got right), "
+             "and the mean over the divergence tasks of KL(exact ‖ arm) and of top-1 agreement.", "",
+             "| arm | operands | scaling | product | Δ acc vs exact, points | mean KL (nats) | mean top-1 (%) |",
+             "|---|---|---|---|---|---|---|"]
+    for a in arms:
+        fmt, scale, mode = _operands(a)
+        pp = pooled_paired(results, tasks, a)
+        acc = (f"{100 * pp.diff:+.1f} [{100 * pp.lo:+.1f}, {100 * pp.hi:+.1f}] ({pp.b}/{pp.c})" if pp else "–")
+        kl = _kl_mean(results, a)
+        top = [d[a]["top1"] for d in div.values() if a in d]
+        lines.append(f"| {a} | {fmt} | {scale} | {mode} | {acc} | "
+                     + (f"{kl[0]:.3g} ± {kl[1]:.2g}" if kl else "–") + " | "
+                     + (_pct(float(np.mean(top))) if top and len(top) == len(div) else "–") + " |")
+    return lines + [""]
+
+
 def _bpb_vs_exact(per: dict, arm: str, seed: int) -> str:
     """Mean over items of the per-item bits-per-byte difference arm − exact, with its paired 95%
     bootstrap CI (items matched by doc_id)."""
@@ -603,7 +649,7 @@ def render(results: dict) -> str:
     shown |= {"table3"} if any(t in results["tasks"] for t in TABLE3_TASKS) else set()
     shown |= {"table5"} if t5 else set()
     note = paper_note(shown)
-    lines += ([note, ""] if note else []) + body + t5
+    lines += ([note, ""] if note else []) + body + t5 + _scaled_table(results)
     lines += _generation_table(results)
     lines += _div_table(results)
     lines += _subgroup_tables(results)
