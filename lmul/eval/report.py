@@ -350,13 +350,13 @@ def _operands(arm: str) -> tuple[str, str, str] | None:
     return fmt, _SCALE_NAMES.get(kw.get("scaling", "none"), kw.get("scaling", "none")), mode
 
 
-def _scaled_table(results: dict) -> list[str]:
+def _scaled_table(results: dict, always: bool = False) -> list[str]:
     """Issue 27: every arm's operands (format, power-of-two scaling, product) beside its pooled
-    accuracy change, mean KL and top-1 agreement, shown when the run has a scaled arm."""
+    accuracy change, mean KL and top-1 agreement, shown when the run has a scaled arm (or ``always``)."""
     from lmul.spec import PRESETS
 
     arms = [a for a in _arms(results) if _operands(a)]
-    if not any(PRESETS[a][0].get("scaling", "none") != "none" for a in arms):
+    if not always and not any(PRESETS[a][0].get("scaling", "none") != "none" for a in arms):
         return []
     tasks = tuple(results["tasks"])
     div = results.get("divergence") or {}
