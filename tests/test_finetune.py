@@ -252,11 +252,16 @@ def test_readings(tmp_path, tok):
     with pytest.raises(ValueError, match="has a reduced-precision accumulator"):
         readings(FinetuneConfig(arms=("exact",), **SMALL), tmp_path, loader=loader_for(tok), items=ITEMS)
     # scaled operands without an accumulator: read once, under the arm's own arithmetic (block "none")
-    readings(FinetuneConfig(arms=("e4m3-all-row",), **SMALL), tmp_path / "s", blocks=(128,), n_items=2,
-             loader=loader_for(tok), items=ITEMS)
-    assert sorted(p.name for p in (tmp_path / "s" / "readings").glob("*.json")) == ["e4m3-all-row-xnone.json"]
+    readings(FinetuneConfig(arms=("e4m3-all-row", "e5m2-all-row"), **SMALL), tmp_path / "s", blocks=(128,),
+             n_items=2, loader=loader_for(tok), items=ITEMS)
+    assert sorted(p.name for p in (tmp_path / "s" / "readings").glob("*.json")) == [
+        "e4m3-all-row-xnone.json", "e5m2-all-row-xnone.json"]
     rrow = json.loads((tmp_path / "s" / "readings" / "e4m3-all-row-xnone.json").read_text())
     assert rrow["arith"]["spec"]["scaling"] == "row" and rrow["arith"]["spec"]["acc"] == "fp32"
+    # the report compares each reading with the e4m3 arm of the same reading and block
+    (tmp_path / "s" / "config.json").write_text(json.dumps({"kind": "finetune", "config": {"seed": 1, "arms": []}}))
+    res = assemble(tmp_path / "s")["readings"]
+    assert res["e4m3-all-row-xnone"]["bpb_vs_e4m3"] is None and res["e5m2-all-row-xnone"]["bpb_vs_e4m3"]["n"] == 2
 
 
 # ---- the CLI -----------------------------------------------------------------------------------

@@ -98,11 +98,15 @@ def assemble(out: Path) -> dict:
             row["same"]["vs"] = _t6_ref(arm)
             row["same"]["em_vs_e4m3"] = _paired(_scores(ref_ev, "em"), _scores(ev, "em"), seed)
             row["same"]["bpb_vs_e4m3"] = _paired(_scores(ref_ev, "bpb"), _scores(ev, "bpb"), seed)
-    for p in sorted((out / "readings").glob("*.json")) if (out / "readings").is_dir() else []:
-        ev = store.read_json(p)
-        res["readings"][p.stem] = {"arm": ev["arm"], "acc_block": ev["acc_block"], "loss": ev["loss"],
-                                   "bpb": ev["bpb"], "wall_s": ev["wall_s"],
-                                   "bpb_vs_exact": _paired(ref_bpb, _scores(ev, "bpb"), seed)}
+    reads = {p.stem: store.read_json(p) for p in sorted((out / "readings").glob("*.json"))} \
+        if (out / "readings").is_dir() else {}
+    for stem, ev in reads.items():
+        ref_read = reads.get(f"{_t6_ref(ev['arm'])}-x{ev['acc_block']}")  # e4m3 of the same reading and block
+        res["readings"][stem] = {"arm": ev["arm"], "acc_block": ev["acc_block"], "loss": ev["loss"],
+                                 "bpb": ev["bpb"], "wall_s": ev["wall_s"],
+                                 "bpb_vs_exact": _paired(ref_bpb, _scores(ev, "bpb"), seed),
+                                 "bpb_vs_e4m3": None if ref_read is None or ref_read is ev else
+                                 _paired(_scores(ref_read, "bpb"), _scores(ev, "bpb"), seed)}
     return res
 
 
@@ -209,17 +213,19 @@ def render(res: dict) -> str:
         L.append("The base model's held-out loss under each arm with the accumulator rounded every 1, 16 or 128 "
                  "products, only once at the output (`out`: the float32 sum rounded to the format), or never "
                  "(`none`: float32 sums, the operand format alone); Δ bpb against the base model under exact "
-                 "arithmetic on the same items. The arms of this run use acc block "
+                 "arithmetic on the same items, and against the e4m3 arm of the same reading and block. The arms "
+                 "of this run use acc block "
                  f"{_arm_blocks(meta)}." + (" Arms with scaled operands and float32 sums (`-row`, `-mx`) are read "
                                             "once, under their own arithmetic, as `none`." if any(
                                                 _family(r["arm"])[1] in ("-row", "-mx")
                                                 for r in res["readings"].values()) else ""))
         L.append("")
-        L.append("| arm | acc block | loss | bpb | Δ bpb vs exact | wall s |")
-        L.append("|---|---|---|---|---|---|")
+        L.append("| arm | acc block | loss | bpb | Δ bpb vs exact | Δ bpb vs e4m3 | wall s |")
+        L.append("|---|---|---|---|---|---|---|")
         for r in sorted(res["readings"].values(), key=lambda r: (r["arm"], _block_key(r["acc_block"]))):
             L.append(f"| {r['arm']} | {r['acc_block']} | {_m(r['loss'])} | {_m(r['bpb'])} | "
-                     f"{_d(r.get('bpb_vs_exact'))} | {r['wall_s']:.0f} |")
+                     f"{_d(r.get('bpb_vs_exact'))} | {_d(r.get('bpb_vs_e4m3')) if r.get('bpb_vs_e4m3') else ''} | "
+                     f"{r['wall_s']:.0f} |")
     L += ["", "Loss curves: `loss_curve.png`. Every number: `results.json`. Config, versions, seed and the split's "
           "item ids: `config.json`.", ""]
     return "\n".join(L)
