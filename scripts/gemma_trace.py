@@ -105,7 +105,10 @@ def backward_check(model, ids: torch.Tensor) -> dict:
     """One backward pass of the next-token loss: which parameters get non-finite gradients, and the
     first module, in backward order, whose input gradient is non-finite although its output gradient
     is finite (where the gradient first goes bad)."""
-    order, hooks = [], []
+    order, hooks, per_module = [], [], []
+
+    def gmax(gs):  # largest finite |gradient|
+        return max((float(g[torch.isfinite(g)].abs().max()) for g in gs if torch.isfinite(g).any()), default=None)
 
     def hook(name):
         def fn(mod, gin, gout):
@@ -114,6 +117,10 @@ def backward_check(model, ids: torch.Tensor) -> dict:
             order.append((name, all(bool(torch.isfinite(g).all()) for g in go),
                           all(bool(torch.isfinite(g).all()) for g in gi),
                           max((float(g.abs().max()) for g in go if torch.isfinite(g).all()), default=None)))
+            per_module.append({"module": name, "grad_out_amax": gmax(go),
+                               "grad_out_nonfinite": sum(int((~torch.isfinite(g)).sum()) for g in go),
+                               "grad_in_amax": gmax(gi),
+                               "grad_in_nonfinite": sum(int((~torch.isfinite(g)).sum()) for g in gi)})
         return fn
 
     for name, mod in model.named_modules():
@@ -134,7 +141,11 @@ def backward_check(model, ids: torch.Tensor) -> dict:
                  None)
     model.zero_grad(set_to_none=True)
     return {"loss": float(loss), "n_params": len(named), "n_bad_params": len(bad), "bad_params": bad,
-            "first_bad_module": first}
+            "first_bad_module": first, "modules": per_module}
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _by_call(rec: list[dict], outs: list[torch.Tensor]) -> dict:
@@ -158,6 +169,9 @@ def main(argv=None) -> int:
                    help="regex of module names to print in the per-arm table ('' prints none)")
     p.add_argument("--backward", action="store_true",
                    help="also run one backward pass per arm and report non-finite gradients")
+    p.add_argument("--grad-show", default="",
+                   help="with --backward: regex of (leaf) module names whose output/input gradients to print, "
+                        "in backward order")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write every record as JSON here")
     a = p.parse_args(argv)
@@ -226,6 +240,15 @@ def main(argv=None) -> int:
             print(f"   backward: loss {grads['loss']:.4f}; parameters with non-finite gradients: "
                   f"{grads['n_bad_params']} of {grads['n_params']} (e.g. {grads['bad_params'][:3]}); first module "
                   f"(backward order) whose input gradient is non-finite: {grads['first_bad_module']}")
+            if a.grad_show:
+                pat = re.compile(a.grad_show)
+                print(f"   backward order: {'module':<44s} {'|grad out|':>10s} {'non-fin':>8s} {'|grad in|':>10s} "
+                      f"{'non-fin':>8s}")
+                for g in grads["modules"]:
+                    if pat.search(g["module"]):
+                        print(f"                   {g['module']:<44s} {_g(g['grad_out_amax']):>10s} "
+                              f"{g['grad_out_nonfinite']:>8d} {_g(g['grad_in_amax']):>10s} "
+                              f"{g['grad_in_nonfinite']:>8d}")
         if a.show:
             pat = re.compile(a.show)
             print(f"   {'module':<44s} {'cls':<22s} {'|in| max':>11s} {'|out| max':>11s} {'nan':>6s} {'inf':>6s} "
