@@ -478,7 +478,9 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     made = []
     arms = _arms(results)
-    color = {a: f"C{i}" for i, a in enumerate(arms)}  # the same colour for an arm in both plots
+    many = len(arms) > 10  # beyond the 10 default colours: tab20, legend beside the axes
+    color = {a: plt.get_cmap("tab20")(i % 20) if many else f"C{i}"
+             for i, a in enumerate(arms)}  # the same colour for an arm in both plots
     tasks = list(results["tasks"])
     if tasks and arms:
         fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
@@ -499,7 +501,7 @@ def plots(results: dict, out: Path) -> list[Path]:
         ax.set_ylabel("accuracy (%): acc_norm or acc as labelled,\n95% Wilson interval", fontsize=9)
         ax.set_ylim(0, 100)
         ax.set_title(results.get("model_desc", results["config"]["model"]).split(" (")[0], fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if many else {}))
         fig.tight_layout()
         made.append(out / "accuracy.png")
         save_figure(fig, made[-1], dpi=120)
@@ -519,7 +521,7 @@ def plots(results: dict, out: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_ylabel("mean KL(exact ‖ arm), nats, 95% CI")
         ax.set_title(results.get("model_desc", results["config"]["model"]).split(" (")[0], fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if many else {}))
         fig.tight_layout()
         made.append(out / "kl.png")
         save_figure(fig, made[-1], dpi=120)
