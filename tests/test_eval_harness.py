@@ -67,3 +67,23 @@ def test_quiet_lm_eval_drops_only_the_known_warnings(caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert "something else went wrong" in msgs
     assert sum("not of type" in m for m in msgs) == 1 and "outside" in msgs[-1]
+
+
+def test_model_loading_silences_only_torchao_import_noise(caplog):
+    """models.load's quiet block drops torchao's and torch pytree's import warnings (CUDA-only
+    libraries, Enum deprecation notes: four lines of every run's log), keeps their errors and
+    other loggers' warnings, and restores the levels afterwards."""
+    import logging
+
+    from lmul.eval import models
+
+    caplog.set_level(logging.WARNING)
+    before = {n: logging.getLogger(n).level for n in models.QUIET_ON_LOAD}
+    with models._quiet_optional_imports():
+        logging.getLogger("torchao").warning("Failed to load _C_mxfp8.so")
+        logging.getLogger("torch.utils._pytree").warning("is an Enum subclass")
+        logging.getLogger("torchao").error("a real torchao error")
+        logging.getLogger("transformers").warning("another library's warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["a real torchao error", "another library's warning"]
+    assert {n: logging.getLogger(n).level for n in models.QUIET_ON_LOAD} == before

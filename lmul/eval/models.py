@@ -7,7 +7,10 @@ so a bad ``--model`` fails before any work; :func:`load` then loads what it foun
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +124,25 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+# transformers imports torchao (installed with the test extra, as the scaling cross-check's oracle)
+# when it loads a model; torchao then logs that its CUDA-only libraries do not load on this CPU and
+# torch logs a deprecation note per torchao Enum: four lines in every run's log that concern no user
+QUIET_ON_LOAD = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet_optional_imports() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in QUIET_ON_LOAD]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def load(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, allow_fetch: bool = True):
     """(model, tokenizer, description) of ``name`` (see :func:`resolve`) on ``device``."""
     offline_env()
@@ -129,8 +151,9 @@ def load(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, all
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(r.src, **r.kwargs)
-        model = AutoModelForCausalLM.from_pretrained(r.src, dtype=dtype, **r.kwargs)
+        with _quiet_optional_imports():
+            tok = AutoTokenizer.from_pretrained(r.src, **r.kwargs)
+            model = AutoModelForCausalLM.from_pretrained(r.src, dtype=dtype, **r.kwargs)
     except (OSError, ValueError, KeyError) as e:  # transformers' "cannot load": unsupported or damaged files
         why = " ".join(str(e).split()) or type(e).__name__
         why = why if len(why) <= 300 else why[:297] + "..."
