@@ -9,13 +9,12 @@ sections kept).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from lmul.bench import best_times, machine_line
+from lmul.bench import best_times, machine_line, parse_ratio_script, ratio_script_parser
 from lmul.files import replace_section
 from lmul.matmul import matmul
 
@@ -61,22 +60,11 @@ def write(rows: list[dict], path: Path, command: str, size: int, backend: str, a
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=1024, help="M = K = N")
-    p.add_argument("--configs", default="bit:bf16,bit:e4m3,formula:e4m3,exact:e4m3", help="mode:format,...")
+    p = ratio_script_parser(__doc__, "bit:bf16,bit:e4m3,formula:e4m3,exact:e4m3")
     p.add_argument("--blocks", default="1,16,128", help="acc_block values")
     p.add_argument("--acc", default="e4m3")
     p.add_argument("--backend", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("-"), help="also write the section into this file "
-                   "(benchmarks/RESULTS.md: the committed results); default '-': print only")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    configs = [tuple(c.split(":")) for c in args.configs.split(",")]
-    if any(len(c) != 2 for c in configs):
-        p.error(f"--configs takes mode:format pairs, got {args.configs!r}")
+    args, configs = parse_ratio_script(p, argv)
     blocks = [int(x) for x in args.blocks.split(",")]
     rows = run(args.size, configs, blocks, args.backend, args.acc, args.reps)
     if str(args.out) != "-":

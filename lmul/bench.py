@@ -418,6 +418,35 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def ratio_script_parser(doc: str, configs: str) -> argparse.ArgumentParser:
+    """The parser of a ratio benchmark script (``benchmarks/acc.py``, ``benchmarks/scaling.py``) with
+    the options they share: ``--size`` (M = K = N), ``--configs`` (``mode:format`` pairs, default
+    ``configs``), ``--threads``, ``--reps`` and ``--out``; each script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=1024, help="M = K = N")
+    p.add_argument("--configs", default=configs, help="mode:format,...")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("-"), help="also write the section into this file "
+                   "(benchmarks/RESULTS.md: the committed results); default '-': print only")
+    return p
+
+
+def parse_ratio_script(p: argparse.ArgumentParser, argv: Optional[list[str]]
+                       ) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    """``(args, [(mode, format), ...])`` of a :func:`ratio_script_parser` parser; sets the torch
+    thread count (``--threads``, 0 leaves it)."""
+    import torch
+
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [tuple(c.split(":")) for c in args.configs.split(",")]
+    if any(len(c) != 2 for c in configs):
+        p.error(f"--configs takes mode:format pairs, got {args.configs!r}")
+    return args, configs
+
+
 def command(args: argparse.Namespace, prog: str = "lmul bench") -> str:
     """``prog`` and the options of ``args`` that differ from the parser's defaults, in the parser's
     order and as given (list options keep their text); --out, --section and --debug are left out."""
