@@ -46,12 +46,11 @@ def _q(x: torch.Tensor, spec: LMulSpec, operand: str = "mul") -> torch.Tensor:
     if operand == "mul":
         q, scales = scaled_elements(x, spec)
         return q * scales
-    from lmul.elementwise import per_element
     from lmul.scaling import scaled_quantize
 
     x2 = x.unsqueeze(0 if operand == "a" else -1) if x.dim() == 1 else x
-    q, scales = scaled_quantize(x2, spec.fmt, spec.scaling, operand, spec.rounding)
-    return (q * per_element(scales, spec.scaling, operand, x2.shape)).reshape(x.shape)
+    q, scales = scaled_quantize(x2, spec.fmt, spec.scaling, operand, spec.rounding, per_element=True)
+    return (q * scales).reshape(x.shape)
 
 
 def matmul_grads(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec,

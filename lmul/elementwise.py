@@ -22,7 +22,7 @@ from lmul.formats import quantize as _quantize_formats
 from lmul.matmul import _eager
 from lmul.spec import LMulSpec, Mode, resolve_spec
 
-__all__ = ["mul", "quantize", "scaled_elements", "per_element", "MUL_CHUNK"]
+__all__ = ["mul", "quantize", "scaled_elements", "MUL_CHUNK"]
 
 MUL_CHUNK = 1 << 22  # result elements one backend call computes at most
 
@@ -58,23 +58,8 @@ def scaled_elements(x: torch.Tensor, spec: LMulSpec) -> tuple[torch.Tensor, torc
     if x2.numel() == 0:
         z = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         return z, z + 1.0
-    q, scales = scaled_quantize(x2, spec.fmt, spec.scaling, "a", spec.rounding)
-    return q.reshape(x.shape), per_element(scales, spec.scaling, "a", x2.shape).reshape(x.shape)
-
-
-def per_element(scales: torch.Tensor, scaling: str, operand: str, shape: torch.Size) -> torch.Tensor:
-    """Compact group scales in :func:`lmul.scaling.scale_exponents`' layout (A ``[..., M, G]``, B
-    ``[..., G, N]``, block B ``[..., G, ceil(N/128)]``, tensor 0-d) broadcast to the operand's ``shape``."""
-    from lmul.scaling import GROUP
-
-    if scaling == "tensor":
-        return scales.expand(shape)
-    kdim = -1 if operand == "a" else -2
-    k = shape[kdim]
-    per = scales.repeat_interleave(k if scaling == "row" else GROUP[scaling], dim=kdim).narrow(kdim, 0, k)
-    if scaling == "block" and operand == "b":  # 128 x 128 blocks: also along N
-        per = per.repeat_interleave(GROUP["block"], dim=-1)[..., :shape[-1]]
-    return per.expand(shape)
+    q, scales = scaled_quantize(x2, spec.fmt, spec.scaling, "a", spec.rounding, per_element=True)
+    return q.reshape(x.shape), scales.reshape(x.shape)
 
 
 def _scaled_mul(x: torch.Tensor, y: torch.Tensor, spec: LMulSpec) -> torch.Tensor:

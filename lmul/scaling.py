@@ -149,18 +149,19 @@ def scale_exponents(x: torch.Tensor, fmt: FormatLike, scaling: str, operand: Ope
 
 
 def scaled_quantize(x: torch.Tensor, fmt: FormatLike, scaling: str, operand: Operand = "a",
-                    rounding: str = "rne") -> tuple[torch.Tensor, torch.Tensor]:
+                    rounding: str = "rne", per_element: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, X)``: the elements ``q = quantize(x / X, fmt, rounding)`` (float32, saturating; NaN in a
     NaN group) with ``x``'s shape, and the group scales ``X`` of :func:`scale_exponents` (so
-    ``x ~ q * X`` broadcast per group). Compare with torchao: ``q`` is the float8 data of
-    ``hp_tensor * scale`` (``X = 1 / scale``) or ``to_mx``'s elements (``X`` its E8M0 scale)."""
+    ``x ~ q * X`` broadcast per group), or with ``per_element=True`` each element's group scale
+    (float32, ``x``'s shape: ``q * X`` is the scaled operand). Compare with torchao: ``q`` is the
+    float8 data of ``hp_tensor * scale`` (``X = 1 / scale``) or ``to_mx``'s elements (``X`` its E8M0 scale)."""
     f = _check(x, fmt, scaling, operand)
     if rounding not in ("rne", "trunc"):
         raise ValueError(f"rounding must be 'rne' or 'trunc', got rounding={rounding!r}")
     if scaling == "none":
         raise ValueError("scaling='none': use lmul.quantize")
-    q, _, scales = _scaled(x, f, scaling, operand, rounding)
-    return q, scales
+    q, elementwise, scales = _scaled(x, f, scaling, operand, rounding)
+    return q, (elementwise if per_element else scales)
 
 
 def _quantize(x: torch.Tensor, fmt: Format, rounding: str) -> torch.Tensor:
