@@ -126,7 +126,7 @@ class LMulConfig:
         s = self.spec
         return dict(fmt=s.fmt.name, mode=s.mode, offset=None if s.mode == "exact" else s.offset, rounding=s.rounding,
                     acc=s.acc_name, acc_block=s.acc_block, backend=s.backend, backward=s.backward, scaling=s.scaling,
-                    scope=self.scope, layers=self.layers)
+                    acc_tile=s.acc_tile, scope=self.scope, layers=self.layers)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> LMulConfig:
@@ -166,7 +166,7 @@ class LMulConfig:
             given = {k: v for k, v in given.items() if k not in _SPEC_FIELDS}
             given.update(fmt=base.fmt, mode=base.mode, offset=None if base.mode == "exact" else base.offset,
                          rounding=base.rounding, acc=base.acc, acc_block=base.acc_block, backend=base.backend,
-                         backward=base.backward, scaling=base.scaling)
+                         backward=base.backward, scaling=base.scaling, acc_tile=base.acc_tile)
         preset = getattr(namespace, p + "preset", None)
         return cls.from_name(preset, **given) if preset else cls(**given)
 

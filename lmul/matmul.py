@@ -77,8 +77,11 @@ def _gather(x: torch.Tensor, batch: tuple, idx: torch.Tensor) -> torch.Tensor:
     return xs[index]
 
 
-def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
-    """[B, M, K] x [B, K, N] through ``entry`` in pieces of at most MATMUL_CHUNK elements."""
+def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec,
+         block_sum: bool = False) -> torch.Tensor:
+    """[B, M, K] x [B, K, N] through ``entry`` in pieces of at most MATMUL_CHUNK elements. ``block_sum``
+    (``acc=<format>``): the float32 sequential sum of all K products, as one accumulator block, not
+    rounded to ``acc`` (the scaled accumulator's block sums)."""
     bsz, m, k = a.shape
     n = b.shape[-1]
     if k == 0:
@@ -94,6 +97,8 @@ def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpe
     whole = (rm, cn, kk) == (m, n, k)
     pm, pn = -(-m // 4) * 4, -(-n // 64) * 64  # the cpu kernels pad rows to 4 and columns to 64, per batch
     bs = min(bsz, max(1, MATMUL_CHUNK // max(pm * k, k * pn, pm * pn))) if whole else 1
+    if block_sum:
+        return _block_pieces(entry, a, b, spec, kk, rm, cn, bs)
     if whole and bs == bsz:
         return entry.fn(a, b, spec)
     out = torch.empty(bsz, m, n, dtype=torch.float32, device=a.device)
@@ -125,6 +130,25 @@ def _run(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpe
     return out
 
 
+def _block_pieces(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, kk: int, rm: int,
+                  cn: int, bs: int) -> torch.Tensor:
+    """One accumulator block's float32 sums over all of k (:func:`_run`'s ``block_sum``), in pieces of
+    at most ``bs`` batches, ``rm`` rows, ``cn`` columns and ``kk`` products, the block sum carried
+    across the k pieces (``within_block=True``: the same bits as one piece)."""
+    bsz, m, k = a.shape
+    n = b.shape[-1]
+    out = torch.empty(bsz, m, n, dtype=torch.float32, device=a.device)
+    for b0 in range(0, bsz, bs):
+        for r0 in range(0, m, rm):
+            for c0 in range(0, n, cn):
+                ap, bp = a[b0:b0 + bs, r0:r0 + rm], b[b0:b0 + bs, :, c0:c0 + cn]
+                s = torch.zeros(ap.shape[0], ap.shape[1], bp.shape[-1], dtype=torch.float32, device=a.device)
+                for k0 in range(0, k, kk):
+                    s = entry.fn(ap[..., k0:k0 + kk], bp[:, k0:k0 + kk], spec, init=s, within_block=True)
+                out[b0:b0 + bs, r0:r0 + rm, c0:c0 + cn] = s
+    return out
+
+
 def _acc_pieces(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, kk: int) -> torch.Tensor:
     """``acc=<format>`` over k pieces of at most ``kk`` products, bit-identical to the whole sum of
     docs/semantics.md section 4: the pieces are cut at block boundaries and each continues the running
@@ -150,12 +174,21 @@ def _acc_pieces(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: 
     return total
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
-    """The L-Matmul of validated operands (the custom op's implementation)."""
+def _matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, block_sum: bool = False) -> torch.Tensor:
+    """The L-Matmul of validated operands (the custom op's implementation); ``block_sum``: see :func:`_run`."""
     if spec.scaling != "none":  # scales from the whole operands, then the unscaled path on wide operands
         from lmul.scaling import scaled_matmul
 
         return scaled_matmul(a, b, spec)
+    if spec.acc_tile:  # the scaled accumulator: block sums of k slices, rounded per output tile
+        from lmul.scaling import tile_scaled_sum
+
+        a2 = a.unsqueeze(0) if a.dim() == 1 else a
+        b2 = b.unsqueeze(-1) if b.dim() == 1 else b
+        inner = spec.replace(acc_tile=0)
+        out = tile_scaled_sum(lambda k0, k1: _matmul(a2[..., k0:k1], b2[..., k0:k1, :], inner, block_sum=True),
+                              a2.shape[-1], spec)
+        return out.reshape(_out_shape(a.shape, b.shape))
     batch, m, k, n = _shapes(a.shape, b.shape)
     shape = _out_shape(a.shape, b.shape)
     a2 = a.unsqueeze(0) if a.dim() == 1 else a
@@ -165,21 +198,22 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float32, device=a.device)
     entry = kernels.select("matmul", a, spec)
     if b2.dim() == 2:    # [..., M, K] @ [K, N]: fold the batch into M
-        out = _run(entry, a2.reshape(1, nb * m, k), b2[None], spec)
+        out = _run(entry, a2.reshape(1, nb * m, k), b2[None], spec, block_sum)
         return out.reshape(shape)
     if a2.dim() == 2:    # [M, K] @ [..., K, N]: fold the batch into N
         bf = b2.expand(*batch, k, n).movedim(-2, 0).reshape(1, k, nb * n)
-        out = _run(entry, a2[None], bf, spec)                          # [1, M, nb N]
+        out = _run(entry, a2[None], bf, spec, block_sum)               # [1, M, nb N]
         return out.reshape(m, *batch, n).movedim(0, -2).reshape(shape)
     a_full, b_full = a2.shape[:-2] == batch, b2.shape[:-2] == batch
     if (a_full or nb * m * k <= MATMUL_CHUNK) and (b_full or nb * k * n <= MATMUL_CHUNK):
-        out = _run(entry, a2.expand(*batch, m, k).reshape(nb, m, k), b2.expand(*batch, k, n).reshape(nb, k, n), spec)
+        out = _run(entry, a2.expand(*batch, m, k).reshape(nb, m, k), b2.expand(*batch, k, n).reshape(nb, k, n), spec,
+                   block_sum)
         return out.reshape(shape)
     out = torch.empty(nb, m, n, dtype=torch.float32, device=a.device)
     step = max(1, MATMUL_CHUNK // max(m * k, k * n))
     for i0 in range(0, nb, step):
         idx = torch.arange(i0, min(nb, i0 + step), device=a.device)
-        out[i0:i0 + len(idx)] = _run(entry, _gather(a2, batch, idx), _gather(b2, batch, idx), spec)
+        out[i0:i0 + len(idx)] = _run(entry, _gather(a2, batch, idx), _gather(b2, batch, idx), spec, block_sum)
     return out.reshape(shape)
 
 
@@ -228,6 +262,7 @@ def matmul(
     *,
     spec: Optional[LMulSpec] = None,
     scaling: str = "none",
+    acc_tile: int = 0,
 ) -> torch.Tensor:
     """L-Matmul of ``a`` and ``b`` with :func:`torch.matmul` shapes, returned as float32.
 
@@ -242,6 +277,8 @@ def matmul(
     (``spec=``, or in place of ``fmt``). ``backend`` is ``"auto"`` or a name of :func:`lmul.backends`.
     ``scaling`` (``"none"``, ``"tensor"``, ``"row"``, ``"block"``, ``"mx"``): power-of-two operand scales,
     ``C = sum_k 2^(sa + sb) P(q(a 2^-sa), q(b 2^-sb))`` (:mod:`lmul.scaling`, docs/semantics.md section 7).
+    ``acc_tile=T`` (with ``acc=<format>``): the scaled accumulator, whose running sums share one
+    power-of-two scale per ``T x T`` output tile, so the format's range never clips (section 7).
     Gradients (when an operand requires them) are the straight-through ones of :mod:`lmul.autograd`.
     """
     a = check_float(a, "a")  # float8 -> float32 (exact); sparse / nested refused
@@ -252,7 +289,7 @@ def matmul(
     if spec is not None and backend != "auto":  # backend= picks where a given spec runs
         spec, backend = spec.replace(backend=backend), "auto"
     spec = resolve_spec(spec, fmt=fmt, mode=mode, offset=offset, rounding=rounding, acc=acc, backend=backend,
-                        acc_block=acc_block, scaling=scaling)
+                        acc_block=acc_block, scaling=scaling, acc_tile=acc_tile)
     _shapes(a.shape, b.shape)
     if spec.backend != "auto":
         kernels.select("matmul", a, spec)  # a named backend that cannot run raises here, with its reason

@@ -49,7 +49,8 @@ from lmul.ops import products
 from lmul.spec import SCALINGS, LMulSpec
 
 __all__ = ["SCALINGS", "GROUP", "SCALE_EXP_MIN", "SCALE_EXP_MAX", "TORCHAO_EPS", "Operand", "scale_exponents",
-           "scaled_quantize", "wide_format", "wide_spec", "scaled_matmul", "reference_scaled_matmul"]
+           "scaled_quantize", "wide_format", "wide_spec", "scaled_matmul", "reference_scaled_matmul", "round_tiles",
+           "tile_scaled_sum"]
 
 Operand = Literal["a", "b"]
 GROUP = {"mx": 32, "block": 128}  # elements along K per scale (block: B's blocks are also 128 along N)
@@ -232,6 +233,11 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Ten
             return _matmul(wa, wb, wide_spec(spec).replace(backend=entry.name)).reshape(shape)
     qa, xa, _ = _scaled(a2, spec.fmt, spec.scaling, "a", spec.rounding)
     qb, xb, _ = _scaled(b2, spec.fmt, spec.scaling, "b", spec.rounding)
+    if spec.acc_tile:  # the scales are the whole operands'; each block's sum from its slice of k
+        inner = spec.replace(acc_tile=0)
+        return tile_scaled_sum(lambda k0, k1: _reference_broadcast(
+            qa[..., k0:k1], xa[..., k0:k1], qb[..., k0:k1, :], xb[..., k0:k1, :], inner, within_block=True),
+            a2.shape[-1], spec).reshape(shape)
     return _reference_broadcast(qa, xa, qb, xb, spec).reshape(shape)
 
 
@@ -288,23 +294,24 @@ def _finite_exponents(x: torch.Tensor) -> tuple[int, int] | None:
 
 
 def _reference_broadcast(qa: torch.Tensor, xa: torch.Tensor, qb: torch.Tensor, xb: torch.Tensor,
-                         spec: LMulSpec) -> torch.Tensor:
+                         spec: LMulSpec, within_block: bool = False) -> torch.Tensor:
     from lmul.matmul import _shapes
 
     batch, m, k, n = _shapes(qa.shape, qb.shape)
     nb = math.prod(batch)
     fa = lambda t: t.expand(*batch, m, k).reshape(nb, m, k)  # noqa: E731
     fb = lambda t: t.expand(*batch, k, n).reshape(nb, k, n)  # noqa: E731
-    return reference_scaled_matmul(fa(qa), fa(xa), fb(qb), fb(xb), spec)
+    return reference_scaled_matmul(fa(qa), fa(xa), fb(qb), fb(xb), spec, within_block).reshape(*batch, m, n)
 
 
 def reference_scaled_matmul(qa: torch.Tensor, xa: torch.Tensor, qb: torch.Tensor, xb: torch.Tensor,
-                            spec: LMulSpec) -> torch.Tensor:
+                            spec: LMulSpec, within_block: bool = False) -> torch.Tensor:
     """The oracle: [B, M, K] elements ``qa`` with per-element scales ``xa`` times [B, K, N] ``qb``,
     ``xb`` -> [B, M, N]. Terms ``T_k = fl32(P(qa_ik, qb_kj) * xa_ik * xb_kj)`` (the product of two
     powers of two and a float32 is exact in float64; one rounding); ``acc=None``: their float64 sum
-    rounded once; ``acc=<fmt>``: section 4's order on the ``T_k`` (:class:`Accumulator`). At most
-    :data:`~lmul.kernels.reference.REFERENCE_CHUNK` terms at a time."""
+    rounded once; ``acc=<fmt>``: section 4's order on the ``T_k`` (:class:`Accumulator`), or with
+    ``within_block`` their float32 sequential sum (one accumulator block, not rounded to ``acc``). At
+    most :data:`~lmul.kernels.reference.REFERENCE_CHUNK` terms at a time."""
     bsz, m, k = qa.shape
     n = qb.shape[-1]
     out = torch.zeros(bsz, m, n, dtype=torch.float32, device=qa.device)
@@ -316,7 +323,7 @@ def reference_scaled_matmul(qa: torch.Tensor, xa: torch.Tensor, qb: torch.Tensor
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
             acc64 = torch.zeros(r1 - r0, n, dtype=torch.float64, device=qa.device)
-            state = Accumulator(spec, acc64) if spec.acc is not None else None
+            state = Accumulator(spec, acc64, within_block=within_block) if spec.acc is not None else None
             for k0 in range(0, k, k_step):
                 k1 = min(k, k0 + k_step)
                 p = products(qa[bi, r0:r1, k0:k1, None], qb[bi, None, k0:k1, :], spec.fmt, spec.mode, spec.offset)
@@ -328,3 +335,40 @@ def reference_scaled_matmul(qa: torch.Tensor, xa: torch.Tensor, qb: torch.Tensor
                     state.add(t, 1)
             out[bi, r0:r1] = acc64.float() if state is None else state.result()
     return out
+
+
+def round_tiles(y: torch.Tensor, acc: FormatLike, tile: int) -> torch.Tensor:
+    """The scaled accumulator's rounding of float32 sums ``y`` [..., M, N]: each ``tile x tile`` block
+    of the last two dims (aligned at 0; a ragged last tile is its own smaller tile) gets one scale
+    ``X = 2^t`` by the torchao rule of the module docstring with ``acc.max`` from the amax of the
+    tile's finite elements (NaN and ±inf ignored; no finite nonzero element: ``X = 1``), so the tile's
+    largest value maps into ``(acc.max / 2, acc.max]`` and never saturates; then
+    ``quantize(y 2^-t, acc) 2^t`` (rne, section 4's saturation: ±inf as there, NaN stays), in float32."""
+    from lmul.kernels.reference import round_acc
+
+    fmt = Format.parse(acc)
+    m, n = y.shape[-2:]
+    if y.numel() == 0:
+        return y.clone()
+    tm, tn = min(tile, m), min(tile, n)
+    pm, pn = -(-m // tm) * tm, -(-n // tn) * tn
+    mag = torch.where(torch.isfinite(y), y.abs(), 0.0)
+    if (pm, pn) != (m, n):
+        mag = torch.nn.functional.pad(mag, (0, pn - n, 0, pm - m))
+    lead = y.shape[:-2]
+    amax = mag.reshape(*lead, pm // tm, tm, pn // tn, tn).amax(dim=(-3, -1), keepdim=True)
+    x = _exponents(amax.double(), fmt, "row")
+    x = x.expand(*lead, pm // tm, tm, pn // tn, tn).reshape(*lead, pm, pn)[..., :m, :n]
+    return round_acc(y * (1.0 / x), fmt) * x
+
+
+def tile_scaled_sum(block_sum, k: int, spec: LMulSpec) -> torch.Tensor:
+    """The scaled accumulator (``spec.acc_tile > 0``, docs/semantics.md section 7): section 4's order
+    with every rounding done per tile, ``total = round_tiles(fl32(total + s), acc, tile)`` for the
+    blocks ``[k0, k0 + acc_block)`` in increasing ``k0``, where ``block_sum(k0, k1)`` returns the
+    block's float32 sequential sums ``s`` (every output at once, [..., M, N]). ``K = 0``: zeros."""
+    total = None
+    for k0 in range(0, k, spec.acc_block):
+        s = block_sum(k0, min(k, k0 + spec.acc_block))
+        total = round_tiles(s if total is None else total + s, spec.acc, spec.acc_tile)
+    return block_sum(0, 0) if total is None else total

@@ -10,12 +10,13 @@ once, and hashable; equal specs compute the same bits. ``docs/semantics.md`` is 
 One vocabulary names specs everywhere (Python, every command's flags, result files):
 
 * a preset: :data:`PRESETS` (``"lmul"``, ``"e4m3"``, ``"lmul-k3"``, ...; the evaluation arms), or
-* a spec name ``<fmt>-<mode>[-c<offset>][-trunc][-<scaling>][-acc<fmt>[x<block>]][-bwsame][-<backend>]``,
+* a spec name ``<fmt>-<mode>[-c<offset>][-trunc][-<scaling>][-acc<fmt>[x<block>][t<tile>]][-bwsame][-<backend>]``,
   as :attr:`LMulSpec.name` writes it: ``"bf16-bit"``, ``"e8m3-bit-trunc"``, ``"e4m3-exact-acce4m3x16"``,
-  ``"e4m3-bit-row"``, ``"fp4-bit-mx-acce8m3x32"``. ``<scaling>`` is one of the tokens ``tensor``,
-  ``row``, ``block``, ``mx`` (:data:`SCALINGS`; absent: ``none``), the operand scaling of
-  :mod:`lmul.scaling` (``docs/semantics.md`` section 7). The parts after ``<mode>`` may come in any
-  order except that the backend, which may contain ``-``, is last.
+  ``"e4m3-bit-row"``, ``"fp4-bit-mx-acce8m3x32"``, ``"e4m3-bit-row-acce4m3x128t128"``. ``<scaling>`` is
+  one of the tokens ``tensor``, ``row``, ``block``, ``mx`` (:data:`SCALINGS`; absent: ``none``), the
+  operand scaling of :mod:`lmul.scaling`; ``t<tile>`` the scaled accumulator (the running sums of each
+  tile x tile output block share a power-of-two scale; ``docs/semantics.md`` section 7). The parts after
+  ``<mode>`` may come in any order except that the backend, which may contain ``-``, is last.
 
 :meth:`LMulSpec.from_name` reads both; ``LMulSpec.from_name(spec.name) == spec``.
 """
@@ -50,6 +51,7 @@ SCALING_MAX_EXP_BITS = 6  # scaled formats: two scaled maxima (< 2^33 each) mult
 # `--arms` / `--preset` vocabulary and docs/patching.md's table all come from here.
 ACC_BLOCK_MAX = 2**63 - 1  # the largest acc_block: the compiled kernels take it as an int64
 ACC_BLOCK_T6 = 128  # Table 6 arms: the accumulator reading chosen from the measurements in docs/finetune.md
+ACC_TILE_T6 = 128  # Table 6's scaled-accumulator arms: output tiles sharing one accumulator scale
 PRESETS: dict[str, tuple[dict, str]] = {
     "exact": (dict(fmt="fp32", mode="exact"), "none"),                      # the unchanged model
     "e4m3": (dict(fmt="e4m3", mode="exact"), "attention"),                  # paper's fp8 e4m3 attention
@@ -88,6 +90,14 @@ PRESETS: dict[str, tuple[dict, str]] = {
     "e5m2-all-mx": (dict(fmt="e5m2", mode="exact", scaling="mx"), "all"),
     "lmul-all-k3-row": (dict(fmt="e4m3", mode="bit", scaling="row"), "all"),
     "lmul-all-k3-mx": (dict(fmt="e4m3", mode="bit", scaling="mx"), "all"),
+    # Table 6's third accumulator reading: a scaled fp8 accumulator (the running sums of each 128 x 128 output
+    # tile share a power-of-two scale, so e4m3's +-448 never clips), row-scaled operands
+    "e4m3-all-row-sacc": (dict(fmt="e4m3", mode="exact", scaling="row", acc="e4m3", acc_block=ACC_BLOCK_T6,
+                               acc_tile=ACC_TILE_T6), "all"),
+    "e5m2-all-row-sacc": (dict(fmt="e5m2", mode="exact", scaling="row", acc="e5m2", acc_block=ACC_BLOCK_T6,
+                               acc_tile=ACC_TILE_T6), "all"),
+    "lmul-all-k3-row-sacc": (dict(fmt="e4m3", mode="bit", scaling="row", acc="e4m3", acc_block=ACC_BLOCK_T6,
+                                  acc_tile=ACC_TILE_T6), "all"),
     "mxfp4-all": (dict(fmt="fp4", mode="exact", scaling="mx"), "all"),
     "lmul-all-mxfp4": (dict(fmt="fp4", mode="bit", scaling="mx"), "all"),
 }
@@ -123,6 +133,8 @@ class LMulSpec:
     :class:`Format` (``acc=None`` for float32), ``offset`` as the float ``c`` (``2^-l(m)`` when not
     given; ``0 <= c <= 1``, a multiple of ``2^-m`` in ``bit`` mode). ``acc_block``: products summed in
     float32 per accumulator rounding, ``1 <= acc_block <= 2^63 - 1`` (``docs/semantics.md`` section 4).
+    ``acc_tile``: 0, or the side ``T`` of the output tiles whose running sums share one power-of-two
+    scale (the scaled accumulator, ``docs/semantics.md`` section 7; needs ``acc``).
     Invalid fields raise ``ValueError`` naming the field and what is allowed.
     """
 
@@ -140,6 +152,9 @@ class LMulSpec:
     scaling: str = field(default="none", metadata=dict(
         help="operand scaling (power-of-two scales): none, tensor, row, block (1x128 / 128x128) or mx (32 along K)",
         choices=SCALINGS))
+    acc_tile: int = field(default=0, metadata=dict(
+        help="scaled accumulator: the running sums of each T x T output tile share a power-of-two scale "
+             "(0: unscaled; needs acc=<format>)"))
 
     def __post_init__(self) -> None:
         fmt = _format("fmt", self.fmt)
@@ -157,6 +172,14 @@ class LMulSpec:
             raise ValueError(f"acc_block must be an int with 1 <= acc_block <= 2^63 - 1 (the compiled kernels' "
                              f"int64; any value >= K means one block), got acc_block={self.acc_block!r}")
         set_("acc_block", int(self.acc_block))
+        if (isinstance(self.acc_tile, bool) or not isinstance(self.acc_tile, numbers.Integral)
+                or not 0 <= self.acc_tile <= ACC_BLOCK_MAX):
+            raise ValueError(f"acc_tile must be an int with 0 <= acc_tile <= 2^63 - 1 (0: an unscaled accumulator), "
+                             f"got acc_tile={self.acc_tile!r}")
+        set_("acc_tile", int(self.acc_tile))
+        if self.acc_tile and acc in (None, FP32):
+            raise ValueError(f"acc_tile={self.acc_tile} scales the running sums of an acc=<format> accumulator; "
+                             "with float32 sums (acc=None/'fp32') there is nothing to scale: give acc= (e.g. 'e4m3')")
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend must be a backend name or 'auto', got backend={self.backend!r}")
         _choice("backward", self.backward, BACKWARDS)
@@ -180,8 +203,8 @@ class LMulSpec:
 
     @property
     def name(self) -> str:
-        """``<fmt>-<mode>[-c<offset>][-trunc][-acc<fmt>[x<block>]][-<backend>]``; the offset part
-        only when it is not the paper's default and the mode is not exact."""
+        """``<fmt>-<mode>[-c<offset>][-trunc][-<scaling>][-acc<fmt>[x<block>][t<tile>]][-bw<backward>][-<backend>]``;
+        the offset part only when it is not the paper's default and the mode is not exact."""
         return self._name
 
     def _make_name(self) -> str:
@@ -193,7 +216,8 @@ class LMulSpec:
         if self.scaling != "none":
             parts.append(self.scaling)
         if self.acc is not None or self.acc_block != 1:
-            parts.append(f"acc{self.acc_name}" + (f"x{self.acc_block}" if self.acc_block != 1 else ""))
+            parts.append(f"acc{self.acc_name}" + (f"x{self.acc_block}" if self.acc_block != 1 else "")
+                         + (f"t{self.acc_tile}" if self.acc_tile else ""))
         if self.backward != "exact":
             parts.append(f"bw{self.backward}")
         if self.backend != "auto":
@@ -207,7 +231,7 @@ class LMulSpec:
         """Plain JSON-able fields (formats by name), for result files."""
         return dict(name=self.name, fmt=self.fmt.name, mode=self.mode, offset=self.offset, rounding=self.rounding,
                     acc=self.acc_name, acc_block=self.acc_block, backend=self.backend, backward=self.backward,
-                    scaling=self.scaling)
+                    scaling=self.scaling, acc_tile=self.acc_tile)
 
     def replace(self, **changes) -> LMulSpec:
         """A copy with some fields changed (validated again). Changing ``fmt`` or ``mode`` of a spec
@@ -241,7 +265,7 @@ class LMulSpec:
                             help=f"a preset ({', '.join(PRESETS)}) or spec name such as e8m3-bit-trunc; "
                                  "the other options refine it")
         for f in fields(cls):
-            kind = {"offset": float, "acc_block": int}.get(f.name, str)
+            kind = {"offset": float, "acc_block": int, "acc_tile": int}.get(f.name, str)
             parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{_dest(prefix)}{f.name}", type=kind,
                                 default=None, choices=f.metadata.get("choices"),
                                 help=f"{f.metadata['help']} (default: {_shown(f.default)})")
@@ -298,7 +322,7 @@ def _parse_name(name: str) -> dict:
     if match is None:
         raise ValueError(
             f"unknown spec {name!r}: use a preset ({', '.join(PRESETS)}) or <fmt>-<mode>[-c<offset>][-trunc]"
-            "[-tensor|-row|-block|-mx][-acc<fmt>[x<block>]][-<backend>], e.g. bf16-bit, e8m3-bit-trunc, "
+            "[-tensor|-row|-block|-mx][-acc<fmt>[x<block>][t<tile>]][-<backend>], e.g. bf16-bit, e8m3-bit-trunc, "
             "e4m3-exact-acce4m3x16, e4m3-bit-row"
         )
     out: dict[str, Any] = dict(fmt=match["fmt"], mode=match["mode"])
@@ -316,10 +340,10 @@ def _parse_name(name: str) -> dict:
         elif part in ("bwexact", "bwsame"):
             out["backward"] = part[2:]
         elif part.startswith("acc"):
-            acc = re.fullmatch(r"acc([a-z0-9]+?)(?:x(\d+))?", part)
+            acc = re.fullmatch(r"acc([a-z0-9]+?)(?:x(\d+))?(?:t(\d+))?", part)
             if acc is None:
-                raise ValueError(f"spec {name!r}: accumulator part {part!r} is not acc<fmt>[x<block>]")
-            out["acc"], out["acc_block"] = acc[1], int(acc[2] or 1)
+                raise ValueError(f"spec {name!r}: accumulator part {part!r} is not acc<fmt>[x<block>][t<tile>]")
+            out["acc"], out["acc_block"], out["acc_tile"] = acc[1], int(acc[2] or 1), int(acc[3] or 0)
         else:  # the backend name is the rest (it may contain '-')
             out["backend"] = "-".join(parts[i:])
             break
@@ -328,8 +352,9 @@ def _parse_name(name: str) -> dict:
 
 @lru_cache(maxsize=4096, typed=True)
 def _cached(fmt: FormatLike, mode: str, offset: Optional[float], rounding: str, acc: Any, acc_block: int,
-            backend: str, scaling: str = "none") -> LMulSpec:
-    return LMulSpec(fmt, mode, offset, rounding, acc, acc_block, backend, scaling=scaling)  # backward: default
+            backend: str, scaling: str = "none", acc_tile: int = 0) -> LMulSpec:
+    return LMulSpec(fmt, mode, offset, rounding, acc, acc_block, backend, scaling=scaling,
+                    acc_tile=acc_tile)  # backward: default
 
 
 def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
@@ -351,7 +376,7 @@ def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
     full.update(options)
     try:
         return _cached(full["fmt"], full["mode"], full["offset"], full["rounding"], full["acc"], full["acc_block"],
-                       full["backend"], full["scaling"])
+                       full["backend"], full["scaling"], full["acc_tile"])
     except TypeError:  # an unhashable option (a list ...): validate it uncached, for the error message
         return LMulSpec(**full)
 
@@ -359,7 +384,7 @@ def resolve_spec(spec: Optional[LMulSpec] = None, /, **options) -> LMulSpec:
 _MISSING = object()
 # the default values of lmul.mul / lmul.matmul's keyword options, as the functions spell them
 _CALL_DEFAULTS = {"fmt": "bf16", "mode": "bit", "offset": None, "rounding": "rne", "acc": "fp32", "backend": "auto",
-                  "acc_block": 1, "scaling": "none"}
+                  "acc_block": 1, "scaling": "none", "acc_tile": 0}
 
 
 def _same(value: Any, default: Any) -> bool:

@@ -20,9 +20,10 @@ from lmul.nn import LMulLinear, lmul_attention
 from lmul.spec import PRESETS, LMulSpec
 from tests.oracle import SmallFormat, default_offset, spec_products
 
-SCALED = [n for n, (kw, _) in PRESETS.items() if kw.get("scaling", "none") != "none"]
+SCALED_ACC = ["e4m3-all-row-sacc", "e5m2-all-row-sacc", "lmul-all-k3-row-sacc"]
+SCALED = [n for n, (kw, _) in PRESETS.items() if kw.get("scaling", "none") != "none" and n not in SCALED_ACC]
 PRECISION_ACC = ["e4m3-all-p", "e5m2-all-p", "lmul-all-k3-p"]
-NEW = SCALED + PRECISION_ACC
+NEW = SCALED + PRECISION_ACC + SCALED_ACC
 
 # (E, m, finite_only, max, emax) of the element formats, written out here from OCP MX v1.0 / OFP8
 ORACLE_FMT = {"e4m3": (4, 3, True, 448.0, 8), "e5m2": (5, 2, False, 57344.0, 15)}
@@ -48,6 +49,11 @@ def test_scaled_presets_are_the_documented_ones():
                         ("lmul-all-k3-p", "lmul-all-k3", "e8m3")):
         assert LMulSpec.from_name(p) == LMulSpec.from_name(lit, acc=acc)
         assert LMulConfig.from_name(p).scope == "all"
+    # the scaled-accumulator readings: the literal arm's fp8 accumulator, scaled per 128 x 128 output
+    # tile, on row-scaled operands
+    for s, lit in zip(SCALED_ACC, ("e4m3-all", "e5m2-all", "lmul-all-k3"), strict=True):
+        assert LMulSpec.from_name(s) == LMulSpec.from_name(lit, scaling="row", acc_tile=128)
+        assert LMulConfig.from_name(s).scope == "all"
 
 
 @pytest.mark.parametrize("name", NEW)

@@ -18,7 +18,7 @@ from lmul.files import atomic_write, save_figure, write_json
 
 PAPER_ARM = {"e4m3-all": "e4m3", "e5m2-all": "e5m2", "lmul-all-k3": "lmul-all"}  # ours -> Table 6's column
 T6_REF = "e4m3-all"
-READINGS = ("-p", "-row", "-mx")  # other readings of a Table 6 arm (lmul.spec.PRESETS): <arm><suffix>
+READINGS = ("-p", "-row", "-mx", "-row-sacc")  # other readings of a Table 6 arm (lmul.spec.PRESETS): <arm><suffix>
 
 
 def _family(arm: str) -> tuple[str, str]:
@@ -151,6 +151,8 @@ def render(res: dict) -> str:
         else:
             s = spec["spec"]
             acc = f", accumulator {s['acc']} rounded every {s['acc_block']} products" if _has_acc(spec) else ""
+            if s.get("acc_tile"):
+                acc += f", one accumulator scale per {s['acc_tile']} × {s['acc_tile']} output tile"
             scaled = f" scaled per {s['scaling']}" if s.get("scaling", "none") != "none" else ""
             L.append(f"- `{arm}`: `{s['name']}` ({s['mode']} mode on {s['fmt']} operands{scaled}{acc}; gradients: "
                      f"{s['backward']})")
@@ -159,7 +161,7 @@ def render(res: dict) -> str:
              "with. Paper: Gemma2-2b-It (`shared/PAPER.md`); ours: this run, ± standard error; Δ: against the "
              "e4m3 column (the paper prints no unquantized row), ours with its paired 95% bootstrap CI, against "
              "the e4m3 arm of the same reading (`e4m3-all`; `e4m3-all-p` for the `-p` arms, `e4m3-all-row` for "
-             "`-row`, `e4m3-all-mx` for `-mx`).")
+             "`-row`, `e4m3-all-mx` for `-mx`, `e4m3-all-row-sacc` for `-row-sacc`).")
     L.append("")
     L.append("| arm | paper | paper Δ vs e4m3 | ours, EM % | ours Δ EM vs e4m3-all (same reading) | ours, bits per "
              "byte | ours Δ bpb vs e4m3-all (same reading) |")

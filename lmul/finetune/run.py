@@ -376,7 +376,8 @@ def readings(cfg: FinetuneConfig, out: Path, blocks: tuple = READ_BLOCKS, n_item
                     continue
                 if model is None:
                     model, tok, _ = loader()
-                over = dict(acc=None, acc_block=1) if b == "none" else dict(acc_block=OUT_BLOCK if b == "out" else b)
+                over = (dict(acc=None, acc_block=1, acc_tile=0) if b == "none"
+                        else dict(acc_block=OUT_BLOCK if b == "out" else b))
                 lcfg = LMulConfig.from_name(arm, **over)
                 ev = _eval_under(cfg, lcfg, model, tok, held, 0, f"{arm} x{b}")
                 write_json(path, {"arm": arm, "acc_block": b, "loss": ev["loss"], "bpb": ev["bpb"],
