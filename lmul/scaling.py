@@ -343,23 +343,38 @@ def round_tiles(y: torch.Tensor, acc: FormatLike, tile: int) -> torch.Tensor:
     ``X = 2^t`` by the torchao rule of the module docstring with ``acc.max`` from the amax of the
     tile's finite elements (NaN and ±inf ignored; no finite nonzero element: ``X = 1``), so the tile's
     largest value maps into ``(acc.max / 2, acc.max]`` and never saturates; then
-    ``quantize(y 2^-t, acc) 2^t`` (rne, section 4's saturation: ±inf as there, NaN stays), in float32."""
-    from lmul.kernels.reference import round_acc
-
+    ``quantize(y 2^-t, acc) 2^t`` (rne, saturating as in section 4: ±inf stays ±inf where ``acc`` has
+    inf and becomes ±max otherwise, NaN stays), in float32."""
     fmt = Format.parse(acc)
     m, n = y.shape[-2:]
     if y.numel() == 0:
         return y.clone()
     tm, tn = min(tile, m), min(tile, n)
-    pm, pn = -(-m // tm) * tm, -(-n // tn) * tn
-    mag = torch.where(torch.isfinite(y), y.abs(), 0.0)
-    if (pm, pn) != (m, n):
-        mag = torch.nn.functional.pad(mag, (0, pn - n, 0, pm - m))
-    lead = y.shape[:-2]
-    amax = mag.reshape(*lead, pm // tm, tm, pn // tn, tn).amax(dim=(-3, -1), keepdim=True)
-    x = _exponents(amax.double(), fmt, "row")
-    x = x.expand(*lead, pm // tm, tm, pn // tn, tn).reshape(*lead, pm, pn)[..., :m, :n]
-    return round_acc(y * (1.0 / x), fmt) * x
+    amax = _tile_amax(y, tm, tn)
+    if not bool(torch.isfinite(amax).all()):  # a NaN or inf in some tile: leave them out of its amax
+        amax = _tile_amax(torch.where(torch.isfinite(y), y, 0.0), tm, tn)
+    x = _exponents(amax.double(), fmt, "row").repeat_interleave(tm, dim=-2)[..., :m, :]  # [..., M, ceil(N/tn)]
+    if n % tn == 0:  # one scale per tn columns, broadcast without copying
+        x = x.unsqueeze(-1)
+        yt = y.reshape(*y.shape[:-1], n // tn, tn)
+        return (_quantize(yt * (1.0 / x), fmt, "rne") * x).reshape(y.shape)
+    x = x.repeat_interleave(tn, dim=-1)[..., :n]
+    return _quantize(y * (1.0 / x), fmt, "rne") * x
+
+
+def _tile_amax(y: torch.Tensor, tm: int, tn: int) -> torch.Tensor:
+    """max |y| per ``tm x tn`` tile of the last two dims (ragged last tiles smaller): [..., ceil(M/tm),
+    ceil(N/tn)]; NaN where a tile holds NaN. Two plain reductions (amax, amin) instead of abs."""
+    m, n = y.shape[-2:]
+    pn = -(-n // tn) * tn
+    if pn != n:  # zeros never change an amax
+        y = torch.nn.functional.pad(y, (0, pn - n))
+    yv = y.reshape(*y.shape[:-1], pn // tn, tn)
+    cols = torch.maximum(yv.amax(-1), -yv.amin(-1))                 # [..., M, ceil(N/tn)]
+    pm = -(-m // tm) * tm
+    if pm != m:
+        cols = torch.nn.functional.pad(cols, (0, 0, 0, pm - m))
+    return cols.reshape(*cols.shape[:-2], pm // tm, tm, cols.shape[-1]).amax(-2)
 
 
 def tile_scaled_sum(block_sum, k: int, spec: LMulSpec) -> torch.Tensor:
