@@ -276,12 +276,13 @@ def main(argv=None) -> int:
     rows = bench_matmuls(device, shapes, warmup, 2 if args.dry_run else args.reps, args.budget)
     forward = [] if args.skip_forward else bench_forward(device, args.dry_run, 2 if args.dry_run else 5, 20.0)
     goals = targets(rows, forward)
+    from lmul.files import atomic_write
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(dict(machine=info, matmul=rows, forward=forward, targets=goals),
-                                             indent=1) + "\n")
+    atomic_write(out / "gpu.json", json.dumps(dict(machine=info, matmul=rows, forward=forward, targets=goals),
+                                              indent=1) + "\n")
     md = markdown(info, rows, forward, goals)
-    (out / "gpu.md").write_text(md)
+    atomic_write(out / "gpu.md", md)
     print(md)
     return 0
 

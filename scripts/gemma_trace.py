@@ -27,7 +27,6 @@ import math
 import re
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -262,8 +261,9 @@ def main(argv=None) -> int:
                           f"{r['r_min'] if 'r_min' in r else float('nan'):>9.3g}")
         sys.stdout.flush()
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=1, default=str))
+        from lmul.files import atomic_write
+
+        atomic_write(a.out, json.dumps(result, indent=1, default=str))
         print(f"\nwrote {a.out}")
     return 0
 

