@@ -15,5 +15,5 @@ if __name__ == "__main__":
     arms = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ("exact",)
     torch.set_num_threads(1)
     tok = tiny_tokenizer()
-    cfg = EvalConfig(tasks=("arc_challenge", "piqa"), arms=arms, batch_size=4, max_length=128, threads=1)
+    cfg = EvalConfig(tasks=("arc_challenge", "piqa"), arms=arms, batch_size=4, max_length=1024, threads=1)
     run(cfg, out, loaded=(tiny_llama(len(tok)), tok, "tiny"), data_root=data)

@@ -43,7 +43,7 @@ def test_a_run_logs_one_bar_per_stage_and_no_known_warnings(tmp_path, capfd):
 
     tok = tiny_tokenizer()
     data = write_fixtures(tmp_path / "data")
-    cfg = EvalConfig(tasks=("arc_challenge",), arms=("exact", "lmul"), batch_size=4, max_length=128, limit=2)
+    cfg = EvalConfig(tasks=("arc_challenge",), arms=("exact", "lmul"), batch_size=4, max_length=1024, limit=2)
     capfd.readouterr()
     run(cfg, tmp_path / "out", loaded=(tiny_llama(len(tok)), tok, "tiny"), data_root=data)
     err = capfd.readouterr().err

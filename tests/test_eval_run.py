@@ -29,7 +29,7 @@ def tiny():
 
 
 def _cfg(arms=("exact",), **kw):
-    return EvalConfig(tasks=TASKS, arms=arms, batch_size=4, max_length=128, **kw)
+    return EvalConfig(tasks=TASKS, arms=arms, batch_size=4, max_length=1024, **kw)
 
 
 def test_kl_top1_ll_against_torch():
@@ -127,7 +127,7 @@ def test_scores_match_teacher_forced_loglikelihoods(tmp_path, tiny):
                      else [" " + doc["sol1"], " " + doc["sol2"]])
             ours = []
             for c in conts:
-                ids, start = divergence.encode_pair(tok, it["context"], c, 128)
+                ids, start = divergence.encode_pair(tok, it["context"], c, 1024)
                 lp = divergence.log_probs(model, ids)
                 ours.append(float(lp[start - 1:-1].gather(1, torch.tensor(ids[start:])[:, None]).sum()))
             assert it["lls"] == pytest.approx(ours, abs=1e-4)
@@ -148,7 +148,7 @@ def test_winogrande_gold_and_scores(tmp_path, tiny):
     prefix, the gold comes from the ``answer`` field, and the divergence pass scores the gold prefix."""
     model, tok, _ = tiny
     data = write_fixtures(tmp_path)
-    run(EvalConfig(tasks=("winogrande",), arms=("exact",), batch_size=4, max_length=128), tmp_path / "run",
+    run(EvalConfig(tasks=("winogrande",), arms=("exact",), batch_size=4, max_length=1024), tmp_path / "run",
         loaded=tiny, data_root=data)
     items = store.read_json(store.part_path(tmp_path / "run", "acc", "exact", "winogrande"))["items"]
     div = store.read_json(store.part_path(tmp_path / "run", "div", "exact", "winogrande"))["items"]
@@ -157,7 +157,7 @@ def test_winogrande_gold_and_scores(tmp_path, tiny):
         head, tail = doc["sentence"].split("_")
         ours = []
         for opt in (doc["option1"], doc["option2"]):
-            ids, start = divergence.encode_pair(tok, head + opt, " " + tail.strip(), 128)
+            ids, start = divergence.encode_pair(tok, head + opt, " " + tail.strip(), 1024)
             lp = divergence.log_probs(model, ids)
             ours.append(float(lp[start - 1:-1].gather(1, torch.tensor(ids[start:])[:, None]).sum()))
         gold = int(doc["answer"]) - 1
@@ -271,7 +271,7 @@ def test_div_limit_beyond_limit_takes_gold_from_the_data(tmp_path, tiny, monkeyp
     model, tok, _ = tiny
     data = write_fixtures(tmp_path)
     write_gsm8k(data)
-    kw = dict(tasks=("gsm8k",), arms=("exact", "lmul"), batch_size=4, max_length=512, limit=2)
+    kw = dict(tasks=("gsm8k",), arms=("exact", "lmul"), batch_size=4, max_length=1024, limit=2)
     full = tmp_path / "all"
     run(EvalConfig(div_limit="all", **kw), full, loaded=tiny, data_root=data)
     res = store.read_json(full / "results.json")
@@ -285,7 +285,7 @@ def test_div_limit_beyond_limit_takes_gold_from_the_data(tmp_path, tiny, monkeyp
         assert d["n"] == len(GSM8K) and [it["doc_id"] for it in d["items"]] == list(range(len(GSM8K)))
     for it in res["divergence"]["gsm8k"]["exact"]["items"]:  # our own teacher-forced gold ll
         req = GSM8K[it["doc_id"]]["request"]
-        ids, start = divergence.encode_pair(tok, req["context"], req["continuation"], 512)
+        ids, start = divergence.encode_pair(tok, req["context"], req["continuation"], 1024)
         lp = divergence.log_probs(model, ids)
         assert it["ll"] == pytest.approx(divergence.compare(lp, lp, ids, start, 1).ll, abs=1e-5)
         assert it["n_bytes"] == len(req["continuation"].encode()) and it["kl"] == 0
@@ -324,6 +324,18 @@ def test_div_limit_validation(kw, ok):
     else:
         with pytest.raises(ValueError):
             EvalConfig(**kw)
+
+
+@pytest.mark.parametrize("value", [1024, 2048, 1 << 17])
+def test_max_length_in_range_is_kept(value):
+    assert EvalConfig(tasks=("piqa",), max_length=value).max_length == value
+
+
+@pytest.mark.parametrize("value", [True, False, 2048.0, "2048", None, 0, -1, 128, 1023, 131073, 1 << 40])
+def test_max_length_outside_1024_to_131072_is_refused(value):
+    """The Python API checks what ``--max-length`` checks (the same bounds, 1024 to 2**17 tokens)."""
+    with pytest.raises(ValueError, match=rf"max_length must be an integer from 1024 to 131072 .*got {value!r}$"):
+        EvalConfig(tasks=("piqa",), max_length=value)
 
 
 def test_divergence_pass_resumes_from_its_progress_file(tmp_path, tiny, monkeypatch):

@@ -13,11 +13,10 @@ from pathlib import Path
 
 from lmul.cli import MAX_THREADS, CliError, device_arg, int_arg, seed_arg
 from lmul.eval import store
-from lmul.eval.tasks import GROUPS, TASKS, resolve_tasks
+from lmul.eval.tasks import GROUPS, MAX_LENGTH, MIN_LENGTH, TASKS, resolve_tasks
 from lmul.spec import PRESETS
 
 DEFAULT_ARMS = "exact,e4m3,e5m2,lmul"
-MIN_LENGTH, MAX_LENGTH = 1024, 1 << 17  # --max-length; lm-eval asserts every gold continuation fits
 
 
 def _fetch(args: argparse.Namespace) -> int:

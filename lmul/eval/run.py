@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lmul import kernels
 from lmul.config import LMulConfig
 from lmul.eval import assets, divergence, harness, models, store
-from lmul.eval.tasks import TASKS, materialize, resolve_tasks
+from lmul.eval.tasks import MAX_LENGTH, MIN_LENGTH, TASKS, materialize, resolve_tasks
 from lmul.patch import patch
 from lmul.spec import PRESETS
 
@@ -66,6 +66,10 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
         if self.per_subject is not None and (isinstance(self.per_subject, bool) or self.per_subject < 1):
             raise ValueError(f"per_subject must be >= 1 or None, got {self.per_subject}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) \
+                or not MIN_LENGTH <= self.max_length <= MAX_LENGTH:
+            raise ValueError(f"max_length must be an integer from {MIN_LENGTH} to {MAX_LENGTH} (tokens; every gold "
+                             f"continuation must fit), got {self.max_length!r}")
         if self.div_limit is not None and self.div_limit != "all" and (
                 isinstance(self.div_limit, bool) or not isinstance(self.div_limit, int) or self.div_limit < 0):
             raise ValueError(f"div_limit must be an integer >= 0, 'all' or None, got {self.div_limit!r}")

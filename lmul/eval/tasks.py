@@ -18,6 +18,10 @@ import yaml
 from lmul.files import atomic_write
 
 TASK_DIR = Path(__file__).parent / "tasks"
+# max tokens per sequence (EvalConfig.max_length, --max-length): lm-eval asserts that every gold
+# continuation fits, and the longest in the data (GSM8K's 972 characters) and GSM8K's 256 generated
+# tokens need 1024
+MIN_LENGTH, MAX_LENGTH = 1024, 1 << 17
 _HF = "hf_datasets/"
 
 
