@@ -146,6 +146,7 @@ def _buffer(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 def release_workspace() -> None:
     """Free this thread's scratch buffers (they otherwise stay at the largest call's size)."""
     _WORKSPACE.__dict__.pop("bufs", None)
+    _WORKSPACE.__dict__.pop("known", None)
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
@@ -227,15 +228,23 @@ def _formula_or_exact(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: cty
         lib.lmul_prep_formula_a(_ptr(a), i64(bsz * m_rows), i64(k), _ptr(left), _ptr(rowflag), qp, nt_a)
         lib.lmul_prep_formula_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(colflag), qp,
                                 ctypes.c_double(spec.offset), nt_b)
-    else:
-        left = _buffer("left", (bsz, m_rows, k), torch.float32)
-        right = _buffer("right", (bsz, k, n), torch.float32)
+    else:  # an operand already in the format without NaN (a scaled operand's w) is its own prepared form
         junk_r = torch.empty(bsz * k, dtype=torch.uint8)
         junk_c = torch.empty(bsz * k, dtype=torch.uint8)
-        lib.lmul_prep_exact(_ptr(a), i64(bsz), i64(m_rows), i64(k), _ptr(left), _ptr(rowflag), _ptr(junk_c), qp,
-                            nt_a)
-        lib.lmul_prep_exact(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(junk_r), _ptr(colflag), qp,
-                            nt_b)
+        if _in_format(a, spec.fmt):
+            left = a
+            rowflag.zero_()
+        else:
+            left = _buffer("left", (bsz, m_rows, k), torch.float32)
+            lib.lmul_prep_exact(_ptr(a), i64(bsz), i64(m_rows), i64(k), _ptr(left), _ptr(rowflag), _ptr(junk_c), qp,
+                                nt_a)
+        if _in_format(b, spec.fmt):
+            right = b
+            colflag.zero_()
+        else:
+            right = _buffer("right", (bsz, k, n), torch.float32)
+            lib.lmul_prep_exact(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(right), _ptr(junk_r), _ptr(colflag), qp,
+                                nt_b)
     return torch.matmul(left, right), rowflag.bool(), colflag.bool()
 
 
@@ -344,6 +353,81 @@ def cpu_mul(x: torch.Tensor, y: torch.Tensor, spec: LMulSpec) -> torch.Tensor:
                           MODE_CODES[spec.mode], int(c * 2**fmt.man_bits) if spec.mode == "bit" else 0,
                           ctypes.c_double(c), _threads(16 * n))
     return out
+
+
+class _SParams(ctypes.Structure):
+    _fields_ = [("mx", ctypes.c_int32), ("emax", ctypes.c_int32), ("out", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("fmax", ctypes.c_double), ("eps", ctypes.c_double), ("flush", ctypes.c_float),
+                ("wide_max", ctypes.c_float)]
+
+
+SCALED_OUT = {"scaled": 0, "wide": 1, "wide_flush": 2}
+
+
+def scaled_operand(x: torch.Tensor, tile: tuple[int, int], fmt: Format, rounding: str, mx: bool, out: str,
+                   eps: float, wide: Optional[Format] = None, scratch: Optional[str] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool, Optional[tuple[int, int]]]:
+    """One operand of a scaled L-Matmul in two C++ passes (:mod:`lmul.scaling` gives the rules):
+    ``x`` [nb, R, C] (float32, CPU) in groups of ``tile = (gr, gc)`` elements (ragged at the edges)
+    with one scale ``X = 2^s`` each (``mx``: OCP MX's ``s = floor(log2 amax) - fmt.emax``, else
+    torchao's ``s = -floor(log2 fl32(fmt.max / max(amax, eps)))``; clamped to [-127, 127]; 1 for an
+    all-zero group, NaN for one holding inf/NaN). Returns ``(y, X, bad)``: ``X`` [nb, ceil(R/gr),
+    ceil(C/gc)] and by ``out``: ``"scaled"`` ``y = x (1/X)``; ``"wide"`` ``y = quantize(x (1/X)) X``;
+    ``"wide_flush"`` the same with the quantized elements subnormal in ``fmt`` as +0; ``bad``: some
+    nonzero ``y`` (not NaN) lies outside ``wide``'s normal range (``"wide*"`` only); ``s_range``: the
+    least and greatest ``s`` of the finite scales (None: none finite). With ``scratch``
+    ``y`` is this thread's scratch buffer of that name (no page faults; overwritten by the next call
+    with that name), else a fresh tensor."""
+    lib = load()
+    x = x.detach().to(torch.float32).contiguous()
+    nb, rows, cols = x.shape
+    gr, gc = tile
+    y = torch.empty_like(x) if scratch is None else _buffer(scratch, tuple(x.shape), torch.float32)
+    scales = torch.empty(nb, -(-rows // gr), -(-cols // gc), dtype=torch.float32)
+    flush = fmt.min_normal - fmt.min_subnormal
+    sp = _SParams(int(mx), fmt.emax, SCALED_OUT[out], 0, float(fmt.max), float(eps), flush,
+                  float(wide.max) if wide is not None else float("inf"))
+    i64 = ctypes.c_int64
+    srange = (ctypes.c_int32 * 2)()
+    flags = lib.lmul_scaled_prep(_ptr(x), i64(nb), i64(rows), i64(cols), i64(gr), i64(gc), _ptr(y), _ptr(scales),
+                                 srange, ctypes.byref(_qparams(fmt, rounding)), ctypes.byref(sp),
+                                 _threads(16 * x.numel()))
+    known = _WORKSPACE.__dict__.setdefault("known", {})
+    known.pop(scratch, None)
+    kept = scratch in _WORKSPACE.__dict__.get("bufs", {})  # a buffer over WORKSPACE_CAP is the caller's temporary
+    if kept and wide is not None and out != "scaled" and not flags & 1:
+        known[scratch] = (y, y._version, wide, not flags & 2)
+    return y, scales, bool(flags & 1), (srange[0], srange[1]) if srange[0] <= srange[1] else None
+
+
+def scale_outer(out: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """``out.mul_(ca * cb)`` for [nb, M, N] float32 ``out`` (contiguous, CPU), ``ca`` [nb, M],
+    ``cb`` [nb, N] (float32, broadcast over batches of 1), in one C++ pass without the [M, N] temporary."""
+    lib = load()
+    nb, m, n = out.shape
+    ca = ca.expand(nb, m).contiguous()
+    cb = cb.expand(nb, n).contiguous()
+    lib.lmul_scale_outer(_ptr(out), ctypes.c_int64(nb), ctypes.c_int64(m), ctypes.c_int64(n), _ptr(ca), _ptr(cb),
+                         _threads(16 * out.numel()))
+    return out
+
+
+def _in_format(x: torch.Tensor, fmt: Format) -> Optional[bool]:
+    """For ``x`` that is, untouched since, a whole scratch buffer :func:`scaled_operand` wrote with
+    values in ``fmt`` (so ``quantize(x, fmt) == x``, any rounding): whether all of it is finite
+    (no NaN); else None."""
+    for y, version, f, finite in _WORKSPACE.__dict__.get("known", {}).values():
+        if (x.data_ptr(), x.numel(), x._version, f) == (y.data_ptr(), y.numel(), version, fmt) and x.is_contiguous():
+            return finite
+    return None
+
+
+def scaled_unavailable(x: torch.Tensor) -> Optional[str]:
+    """Why :func:`scaled_operand` cannot take ``x`` (None if it can): CPU float32 (or a narrower
+    float, converted exactly) only, and the compiled kernels loadable."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"float32/float16/bfloat16 CPU tensors only, got {x.dtype} on {x.device}"
+    return _loadable()
 
 
 def cpu_quantize(x: torch.Tensor, spec: LMulSpec) -> torch.Tensor:

@@ -875,3 +875,224 @@ void lmul_prep_acc_b(const float* y, int64_t nb, int64_t K, int64_t N, int mode,
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// Scaled operands (lmul/scaling.py, docs/semantics.md section 7): nb batches of R x C float32 in
+// groups of gr x gc elements (tiles, ragged at the edges), one power-of-two scale X = 2^s each.
+// Pass 1: amax per group as the largest |x| bit pattern (integer max: NaN above inf above finite).
+// Pass 2: per element y = x (1/X), then by `out`: 0 y; 1 w = quantize(y) X; 2 the same with
+// |quantize(y)| <= flush (the format's subnormals) replaced by +0 before the multiply.
+extern "C" {
+
+struct ScaleParams {
+    int32_t mx;        // 1: OCP MX rule, 0: torchao's amax_to_scale rule (power of two)
+    int32_t emax;      // the element format's largest exponent
+    int32_t out;       // 0, 1 or 2 (above)
+    int32_t pad;
+    double fmax;       // the element format's largest finite value
+    double eps;        // torchao's amax floor (1e-12)
+    float flush;       // out == 2: largest subnormal of the element format
+    float wide_max;    // out >= 1: largest finite value of the wide format e8m<m>
+};
+
+}  // extern "C"
+
+// the group scale of lmul.scaling._exponents from the amax bit pattern (float32 |x|)
+static float group_scale(uint32_t amax_bits, const ScaleParams& sp) {
+    if (amax_bits >= 0x7F800000u) return u2f(0x7FC00000u);  // inf or NaN in the group
+    if (amax_bits == 0) return 1.0f;
+    const double amax = (double)u2f(amax_bits);
+    int e = 0, s;
+    if (sp.mx) {
+        std::frexp(amax, &e);                                   // amax = f 2^e, f in [0.5, 1): floor(log2) = e - 1
+        s = (e - 1) - sp.emax;
+    } else {
+        const double r64 = sp.fmax / std::max(amax, sp.eps);
+        const double r32 = (double)(float)r64;                  // torchao's float32 multiplier
+        std::frexp(r32 >= 0x1p-126 ? r32 : r64, &e);
+        s = -(e - 1);
+    }
+    s = std::min(std::max(s, -127), 127);
+    return s >= -126 ? u2f((uint32_t)(s + 127) << 23) : u2f(1u << (s + 149));  // exact 2^s
+}
+
+// quant_bits for m >= 1 in fewer operations (so the pass runs at memory speed): round the float32
+// bit pattern at bit 23 - m (|x| normal in the format; trunc: clear the bits), below the format's
+// smallest normal (|x| + cbig) - cbig with cbig = 2^(emin - m + 23), whose ulp is the subnormal
+// spacing (trunc: one spacing less where that rounded up); saturate; inf and NaN as quant_bits.
+struct FastQ {
+    uint32_t sh, hm1, nmask, minnorm, fmaxb, infb;
+    float cbig, ulp;
+};
+
+static FastQ fast_params(const QParams& p) {
+    FastQ f;
+    f.sh = (uint32_t)(23 - p.man_bits);
+    f.hm1 = (1u << (f.sh - 1)) - 1u;
+    f.nmask = ~((1u << f.sh) - 1u);
+    f.minnorm = (uint32_t)(p.emin + 127) << 23;
+    f.fmaxb = f2u(p.fmax);
+    f.infb = p.has_inf ? 0x7F800000u : f.fmaxb;
+    f.cbig = std::ldexp(1.0f, p.emin - p.man_bits + 23);
+    f.ulp = std::ldexp(1.0f, p.emin - p.man_bits);
+    return f;
+}
+
+template <bool TRUNC>
+static inline uint32_t quant_fast(float x, const FastQ& q) {
+    const uint32_t u = f2u(x), sign = u & 0x80000000u, mag = u ^ sign;
+    const uint32_t rn = TRUNC ? mag & q.nmask : (mag + q.hm1 + ((mag >> q.sh) & 1u)) & q.nmask;
+    const float ax = u2f(mag);
+    float t = (ax + q.cbig) - q.cbig;
+    if (TRUNC) t = t > ax ? t - q.ulp : t;
+    uint32_t r = mag < q.minnorm ? f2u(t) : rn;
+    r = r > q.fmaxb ? q.fmaxb : r;
+    r = mag == 0x7F800000u ? q.infb : r;
+    r = mag > 0x7F800000u ? 0x7FC00000u : r;
+    return r | sign;
+}
+
+static inline uint32_t mag_max(const float* x, int64_t n) {
+    uint32_t m = 0;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, f2u(x[i]) & 0x7FFFFFFFu);
+    return m;
+}
+
+// one element of pass 2; bad |= 1 where a nonzero w (not NaN) is below 2^-126 or above wide_max,
+// |= 2 where w is NaN
+// Q: 0 quant_bits, 1 quant_fast rne, 2 quant_fast trunc
+template <int OUT, int Q>
+static inline float scaled_elem(float x, float inv, float X, const QParams& q, const FastQ& fq, float flush,
+                                uint32_t wmax, uint32_t& bad) {
+    const float y = x * inv;
+    if (OUT == 0) return y;
+    float v = u2f(Q == 0 ? quant_bits(y, q) : quant_fast<Q == 2>(y, fq));
+    if (OUT == 2) v = std::fabs(v) <= flush ? 0.0f : v;     // NaN kept
+    const float w = v * X;
+    const uint32_t mag = f2u(w) & 0x7FFFFFFFu;
+    bad |= (uint32_t)((mag != 0) & (mag <= 0x7F800000u) & ((mag < 0x00800000u) | (mag > wmax)));
+    bad |= (uint32_t)(mag > 0x7F800000u) << 1;
+    return w;
+}
+
+template <int OUT, int Q>
+static int scaled_pass2(const float* x, int64_t nb, int64_t R, int64_t C, int64_t gr, int64_t gc, float* out,
+                        const float* scales, const float* invs, const QParams& q, const ScaleParams& sp, int nt) {
+    const int64_t tr = (R + gr - 1) / gr, tc = (C + gc - 1) / gc;
+    const uint32_t wmax = f2u(sp.wide_max);
+    const float flush = sp.flush;
+    const FastQ fq = fast_params(q);
+    uint32_t bad = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
+    for (int64_t br = 0; br < nb * R; ++br) {
+        const int64_t bt = br / R, t = (br % R) / gr;
+        const float* __restrict xr = x + br * C;
+        float* __restrict orow = out + br * C;
+        const float* sx = scales + (bt * tr + t) * tc;
+        const float* si = invs + (bt * tr + t) * tc;
+        uint32_t b = 0;
+        if (gc == 1) {
+            for (int64_t j = 0; j < C; ++j) orow[j] = scaled_elem<OUT, Q>(xr[j], si[j], sx[j], q, fq, flush, wmax, b);
+        } else {
+            for (int64_t s = 0; s < tc; ++s) {
+                const int64_t j0 = s * gc, j1 = std::min(C, j0 + gc);
+                const float X = sx[s], inv = si[s];
+                for (int64_t j = j0; j < j1; ++j) orow[j] = scaled_elem<OUT, Q>(xr[j], inv, X, q, fq, flush, wmax, b);
+            }
+        }
+        bad |= b;
+    }
+    return (int)bad;
+}
+
+extern "C" {
+
+// x: nb x R x C (row-major) -> out (same layout, by sp.out), scales [nb][ceil(R/gr)][ceil(C/gc)]
+// (float32 X per group, NaN for a group holding inf/NaN), srange = min and max s of the finite
+// scales (min > max if none); returns (out >= 1) bit 0: some nonzero w (not NaN) lies outside
+// [2^-126, wide_max], bit 1: some w is NaN.
+int lmul_scaled_prep(const float* x, int64_t nb, int64_t R, int64_t C, int64_t gr, int64_t gc, float* out,
+                     float* scales, int32_t* srange, const QParams* qp, const ScaleParams* spp, int nt) {
+    const QParams q = *qp;
+    const ScaleParams sp = *spp;
+    const int64_t tr = (R + gr - 1) / gr, tc = (C + gc - 1) / gc, ng = nb * tr * tc;
+    uint32_t* amax = new uint32_t[ng]();
+    if (gc == 1) {  // groups down columns: elementwise max over the group's rows, vectorised along the row
+        const int64_t CW = 512, nch = (C + CW - 1) / CW;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t task = 0; task < nb * tr * nch; ++task) {
+            const int64_t ch = task % nch, t = (task / nch) % tr, bt = task / (nch * tr);
+            const int64_t j0 = ch * CW, jn = std::min(C - j0, CW);
+            uint32_t m[CW];
+            for (int64_t j = 0; j < CW; ++j) m[j] = 0;
+            for (int64_t i = t * gr; i < std::min(R, (t + 1) * gr); ++i) {
+                const float* xr = x + (bt * R + i) * C + j0;
+                for (int64_t j = 0; j < jn; ++j) m[j] = std::max(m[j], f2u(xr[j]) & 0x7FFFFFFFu);
+            }
+            for (int64_t j = 0; j < jn; ++j) amax[(bt * tr + t) * tc + j0 + j] = m[j];
+        }
+    } else if (ng == nb && gr > 1) {  // one group per batch (tensor): a max over all rows
+        for (int64_t bt = 0; bt < nb; ++bt) {
+            uint32_t m = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(max : m)
+            for (int64_t i = 0; i < R; ++i) m = std::max(m, mag_max(x + (bt * R + i) * C, C));
+            amax[bt] = m;
+        }
+    } else {  // segments of gc along rows, combined over the group's gr rows
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t task = 0; task < nb * tr; ++task) {
+            const int64_t t = task % tr, bt = task / tr;
+            uint32_t* am = amax + task * tc;
+            for (int64_t i = t * gr; i < std::min(R, (t + 1) * gr); ++i) {
+                const float* xr = x + (bt * R + i) * C;
+                for (int64_t s = 0; s < tc; ++s)
+                    am[s] = std::max(am[s], mag_max(xr + s * gc, std::min(gc, C - s * gc)));
+            }
+        }
+    }
+    float* invs = new float[ng];
+    int32_t lo = 1000, hi = -1000;
+    for (int64_t g = 0; g < ng; ++g) {
+        scales[g] = group_scale(amax[g], sp);
+        invs[g] = 1.0f / scales[g];
+        if (amax[g] < 0x7F800000u) {
+            lo = std::min(lo, (int32_t)std::ilogb(scales[g]));
+            hi = std::max(hi, (int32_t)std::ilogb(scales[g]));
+        }
+    }
+    srange[0] = lo;
+    srange[1] = hi;
+    delete[] amax;
+    const int qk = q.man_bits == 0 ? 0 : q.trunc ? 2 : 1;
+    int bad = 0;
+#define LMUL_PASS2(OUT, Q) scaled_pass2<OUT, Q>(x, nb, R, C, gr, gc, out, scales, invs, q, sp, nt)
+    if (sp.out == 0) bad = LMUL_PASS2(0, 0);
+    else if (sp.out == 1) bad = qk == 0 ? LMUL_PASS2(1, 0) : qk == 1 ? LMUL_PASS2(1, 1) : LMUL_PASS2(1, 2);
+    else bad = qk == 0 ? LMUL_PASS2(2, 0) : qk == 1 ? LMUL_PASS2(2, 1) : LMUL_PASS2(2, 2);
+#undef LMUL_PASS2
+    delete[] invs;
+    return bad;
+}
+
+// quant_fast on n floats, for tests (it must equal quant_bits); 0 where it does not apply (m = 0)
+int lmul_quantize_fast(const float* x, int64_t n, float* out, const QParams* p) {
+    if (p->man_bits == 0) return 0;
+    const FastQ fq = fast_params(*p);
+    for (int64_t i = 0; i < n; ++i)
+        out[i] = u2f(p->trunc ? quant_fast<true>(x[i], fq) : quant_fast<false>(x[i], fq));
+    return 1;
+}
+
+// out[b][i][j] *= ca[b][i] * cb[b][j] (float32 multiplies: the product of the scales rounded, then
+// the multiply, as torch's out.mul_(ca * cb))
+void lmul_scale_outer(float* out, int64_t nb, int64_t M, int64_t N, const float* ca, const float* cb, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t bi = 0; bi < nb * M; ++bi) {
+        const float s = ca[bi];
+        const float* __restrict c = cb + (bi / M) * N;
+        float* __restrict o = out + bi * N;
+        for (int64_t j = 0; j < N; ++j) o[j] *= s * c[j];
+    }
+}
+
+}  // extern "C"
