@@ -204,10 +204,11 @@ def _bit(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: ctypes.CDLL) -> 
     bfmn = torch.empty(bsz, nkb, ns, dtype=torch.int16)
     bfmx = torch.empty(bsz, nkb, ns, dtype=torch.int16)
     acc = torch.empty(bsz, rows_pad, ns * js, dtype=torch.float32)
+    pre_a, pre_b = int(_in_format(a, spec.fmt) is not None), int(_in_format(b, spec.fmt) is not None)
     lib.lmul_prep_bit_a(_ptr(a), i64(bsz), i64(m_rows), i64(rows_pad), i64(k), _ptr(ia), _ptr(nz), _ptr(afmn),
-                        _ptr(afmx), _ptr(rowflag), qp, off, nt_a)
+                        _ptr(afmx), _ptr(rowflag), qp, off, nt_a, pre_a)
     lib.lmul_prep_bit_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(vb), _ptr(wb), _ptr(bfmn), _ptr(bfmx),
-                        _ptr(colflag), qp, nt_b)
+                        _ptr(colflag), qp, nt_b, pre_b)
     lib.lmul_bit_matmul(_ptr(ia), _ptr(nz), _ptr(afmn), _ptr(afmx), i64(bsz), i64(rows_pad), i64(k), _ptr(vb),
                         _ptr(wb), _ptr(bfmn), _ptr(bfmx), i64(ns), _ptr(acc), m, off, nt)
     out = acc if (rows_pad, ns * js) == (m_rows, n) else acc[:, :m_rows, :n]
@@ -280,9 +281,9 @@ def _acc(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, lib: ctypes.CDLL, ini
         afmx = torch.empty(bsz, rows_pad, nkb, dtype=torch.int16)
         af = None
         lib.lmul_prep_bit_a(_ptr(a), i64(bsz), i64(m_rows), i64(rows_pad), i64(k), _ptr(au), _ptr(nz), _ptr(afmn),
-                            _ptr(afmx), _ptr(rowflag), qp, off, nt_a)
+                            _ptr(afmx), _ptr(rowflag), qp, off, nt_a, 0)
         lib.lmul_prep_bit_b(_ptr(b), i64(bsz), i64(k), i64(n), _ptr(bu), _ptr(bf), _ptr(bfmn), _ptr(bfmx),
-                            _ptr(colflag), qp, nt_b)
+                            _ptr(colflag), qp, nt_b, 0)
         rowflag = rowflag[:, :m_rows]
     else:
         rows_pad = m_rows
@@ -382,7 +383,11 @@ def scaled_operand(x: torch.Tensor, tile: tuple[int, int], fmt: Format, rounding
     x = x.detach().to(torch.float32).contiguous()
     nb, rows, cols = x.shape
     gr, gc = tile
-    y = torch.empty_like(x) if scratch is None else _buffer(scratch, tuple(x.shape), torch.float32)
+    if scratch is None:
+        y = torch.empty_like(x)
+    else:
+        with torch.inference_mode(False):  # a normal tensor: its version counter guards _in_format
+            y = _buffer(scratch, tuple(x.shape), torch.float32)
     scales = torch.empty(nb, -(-rows // gr), -(-cols // gc), dtype=torch.float32)
     flush = fmt.min_normal - fmt.min_subnormal
     sp = _SParams(int(mx), fmt.emax, SCALED_OUT[out], 0, float(fmt.max), float(eps), flush,
@@ -395,7 +400,7 @@ def scaled_operand(x: torch.Tensor, tile: tuple[int, int], fmt: Format, rounding
     known = _WORKSPACE.__dict__.setdefault("known", {})
     known.pop(scratch, None)
     kept = scratch in _WORKSPACE.__dict__.get("bufs", {})  # a buffer over WORKSPACE_CAP is the caller's temporary
-    if kept and wide is not None and out != "scaled" and not flags & 1:
+    if kept and wide is not None and out != "scaled" and not flags & 1 and not y.is_inference():
         known[scratch] = (y, y._version, wide, not flags & 2)
     return y, scales, bool(flags & 1), (srange[0], srange[1]) if srange[0] <= srange[1] else None
 
@@ -416,6 +421,8 @@ def _in_format(x: torch.Tensor, fmt: Format) -> Optional[bool]:
     """For ``x`` that is, untouched since, a whole scratch buffer :func:`scaled_operand` wrote with
     values in ``fmt`` (so ``quantize(x, fmt) == x``, any rounding): whether all of it is finite
     (no NaN); else None."""
+    if x.is_inference():  # no version counter
+        return None
     for y, version, f, finite in _WORKSPACE.__dict__.get("known", {}).values():
         if (x.data_ptr(), x.numel(), x._version, f) == (y.data_ptr(), y.numel(), version, fmt) and x.is_contiguous():
             return finite

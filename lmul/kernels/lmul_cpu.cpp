@@ -187,6 +187,8 @@ static inline float bit_product_exact(uint32_t ab, uint32_t bb, int m, int off) 
 // as 0: flushed, weight 0): vo = bits (0.5f if not normal), wo = 1/0, the normal entries' exponent
 // field range into lo/hi; returns 1 if some entry is inf/NaN. A function of its own so that the
 // loops vectorise (inlined into the OpenMP body they do not; a decode step's cost is this loop).
+// PRE: the entries are already in the format (quantizing them changes at most a NaN's payload).
+template <bool PRE>
 __attribute__((noinline)) static int32_t prep_strip_row(const float* yr, int64_t jn, const QParams q, int32_t fmin_normal,
                                      uint32_t* __restrict vo, float* __restrict wo, int32_t& lo, int32_t& hi) {
     float tail[JS];
@@ -196,7 +198,7 @@ __attribute__((noinline)) static int32_t prep_strip_row(const float* yr, int64_t
         src = tail;
     }
     uint32_t qb[JS];
-    for (int j = 0; j < JS; ++j) qb[j] = quant_bits(src[j], q);
+    for (int j = 0; j < JS; ++j) qb[j] = PRE ? f2u(src[j]) : quant_bits(src[j], q);
     int32_t bad = 0, l = lo, h = hi;
     for (int j = 0; j < JS; ++j) {
         const int32_t f = (int32_t)((qb[j] >> 23) & 0xFF);
@@ -216,6 +218,18 @@ __attribute__((noinline)) static int32_t prep_strip_row(const float* yr, int64_t
     return bad;
 }
 
+// one left-operand row: ia and nz (lmul_prep_bit_a); PRE as prep_strip_row
+template <bool PRE>
+static inline void prep_bit_row(const float* __restrict xr, int64_t K, uint32_t* __restrict iar, uint8_t* __restrict nzr,
+                                const QParams& q, uint32_t addc) {
+    for (int64_t k = 0; k < K; ++k) {
+        const uint32_t qb = PRE ? f2u(xr[k]) : quant_bits(xr[k], q);
+        const bool normal = kind_of(qb, q) == 1;
+        iar[k] = normal ? (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u) : 0u;
+        nzr[k] = (uint8_t)normal;
+    }
+}
+
 extern "C" {
 
 int lmul_strip_width() { return JS; }
@@ -223,10 +237,10 @@ int lmul_k_block() { return KB; }
 
 // left operand: nb batches of M x K -> ia, nz [nb][rows_pad][K] (padding rows: nz = 0), per
 // (row, k block) min/max exponent field of the normal entries (fmin > fmax when none),
-// rowflag[b * rows_pad + r] for inf/NaN rows.
+// rowflag[b * rows_pad + r] for inf/NaN rows. pre: x is already in the format (not quantized again).
 void lmul_prep_bit_a(const float* x, int64_t nb, int64_t M, int64_t rows_pad, int64_t Kin, uint32_t* ia,
                      uint8_t* nz, int16_t* fmn, int16_t* fmx, uint8_t* rowflag, const QParams* p, int off,
-                     int nt) {
+                     int nt, int pre) {
     const QParams q = *p;
     const int m = q.man_bits;
     const uint32_t addc = (uint32_t)off << (23 - m);
@@ -244,12 +258,8 @@ void lmul_prep_bit_a(const float* x, int64_t nb, int64_t M, int64_t rows_pad, in
             continue;
         }
         const float* xr = x + (b * M + r) * K;
-        for (int64_t k = 0; k < K; ++k) {
-            const uint32_t qb = quant_bits(xr[k], q);
-            const bool normal = kind_of(qb, q) == 1;
-            iar[k] = normal ? (qb & 0x7FFFFFFFu) - (127u << 23) + addc + (qb & 0x80000000u) : 0u;
-            nzr[k] = (uint8_t)normal;
-        }
+        if (pre) prep_bit_row<true>(xr, K, iar, nzr, q, addc);
+        else prep_bit_row<false>(xr, K, iar, nzr, q, addc);
         for (int64_t kb = 0; kb < nkb; ++kb) {  // exponent field range of the normal entries
             int lo = 1000, hi = -1000;
             const int64_t k1 = std::min(K, (kb + 1) * KB);
@@ -267,9 +277,9 @@ void lmul_prep_bit_a(const float* x, int64_t nb, int64_t M, int64_t rows_pad, in
 }
 
 // right operand: nb batches of K x N -> packed vb, wb [nb][ns][K][JS], per (batch, k block,
-// strip) min/max field [nb][nkb][ns], colflag[b * N + j]
+// strip) min/max field [nb][nkb][ns], colflag[b * N + j]; pre as lmul_prep_bit_a
 void lmul_prep_bit_b(const float* y, int64_t nb, int64_t K, int64_t N, uint32_t* vb, float* wb, int16_t* fmn,
-                     int16_t* fmx, uint8_t* colflag, const QParams* p, int nt) {
+                     int16_t* fmx, uint8_t* colflag, const QParams* p, int nt, int pre) {
     const QParams q = *p;
     const int64_t ns = (N + JS - 1) / JS, nkb = (K + KB - 1) / KB;
     const int32_t fmin_normal = std::max(q.emin + 127, 1);
@@ -285,7 +295,8 @@ void lmul_prep_bit_b(const float* y, int64_t nb, int64_t K, int64_t N, uint32_t*
                     uint32_t* __restrict vo = vb + ((bt * ns + s) * K + k) * JS;
                     float* __restrict wo = wb + ((bt * ns + s) * K + k) * JS;
                     const float* yr = yb + k * N + s * JS;
-                    const int32_t bad = prep_strip_row(yr, jn, q, fmin_normal, vo, wo, lo, hi);
+                    const int32_t bad = pre ? prep_strip_row<true>(yr, jn, q, fmin_normal, vo, wo, lo, hi)
+                                            : prep_strip_row<false>(yr, jn, q, fmin_normal, vo, wo, lo, hi);
                     if (bad)  // rare: mark the columns (benign race: every writer stores 1)
                         for (int j = 0; j < jn; ++j)
                             if (kind_of(quant_bits(yr[j], q), q) == 2) colflag[bt * N + s * JS + j] = 1;
