@@ -242,10 +242,16 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec) -> torch.Ten
 
 
 def _wide_operand(x: torch.Tensor, spec: LMulSpec, operand: str) -> torch.Tensor | None:
-    """``w = q X`` (float32, in place on the fresh q; fmt-subnormal q flushed to zero in bit/formula
-    mode, where L-Mul flushes them anyway and a zero product's sign never matters), or None where a
-    nonzero ``w`` would leave the wide format's normal range (that call needs the reference)."""
+    """``w = q X`` (float32; fmt-subnormal q flushed to +0 in bit/formula mode, where L-Mul flushes
+    them anyway and a zero product's sign never matters), or None where a nonzero ``w`` would leave
+    the wide format's normal range (that call needs the reference). From the fused C++ pass where
+    it runs (:func:`_fused`, ``w`` in the thread's scratch buffer: use it before the next call for
+    this operand), else in place on the fresh q of the torch path; the same bits."""
     fmt, wide = spec.fmt, wide_format(spec.fmt)
+    fused = _fused(x, fmt, spec.scaling, operand, spec.rounding, "wide" if spec.mode == "exact" else "wide_flush",
+                   True)
+    if fused is not None:
+        return None if fused[2] else fused[0]
     q, scales, size = _scaled_grouped(x, fmt, spec.scaling, operand, spec.rounding)
     low = fmt.min_normal if spec.mode != "exact" else fmt.min_subnormal  # smallest nonzero |q| that counts
     ok = torch.isnan(scales) | ((scales * low >= wide.min_normal) & (scales * fmt.max <= wide.max))
@@ -263,25 +269,85 @@ def _outer(a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, backend: str) -> to
     """Tensor/row scaling with float32 sums: the scale 2^(sa_i + sb_j) is constant over k, so
     ``C_ij = 2^(sa_i + sb_j) sum_k P(q(a 2^-sa), q(b 2^-sb))``: the unscaled kernel (which quantizes
     ``x 2^-s`` itself) times one power of two per output, exact while every nonzero product and
-    partial sum stays in float32's normal range once scaled; None (use the wide path) otherwise."""
+    partial sum stays in float32's normal range once scaled; None (use the wide path) otherwise.
+
+    Exact mode through the fused C++ pass: the unscaled kernel on the wide operands ``w = q X``
+    instead, which it takes as they are (already in e8m<m>, no quantization pass): the same bits,
+    since every product and partial sum is then the scaled one, exactly, and no row or column is
+    near float32's overflow (one more power of two of margin than above, as the fix-up's bound)."""
     from lmul.matmul import _matmul
 
     fmt, k = spec.fmt, a.shape[-1]
-    src = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    av, size_a = _grouped(a.detach().to(src), spec.scaling, "a")
-    bv, size_b = _grouped(b.detach().to(src), spec.scaling, "b")
-    xa, xb = _scales_grouped(av, fmt, spec.scaling), _scales_grouped(bv, fmt, spec.scaling)
-    ea, eb = _finite_exponents(xa), _finite_exponents(xb)
-    if ea is not None and eb is not None:
-        grid = 2 * fmt.emin - (2 * fmt.man_bits if spec.mode == "exact" else fmt.man_bits)  # nonzero |P| >= 2^grid
-        top = 2 * (fmt.emax + 1) + 2 + math.ceil(math.log2(max(k, 1)))                     # every |partial| < 2^top
-        if ea[0] + eb[0] + grid < -126 or ea[1] + eb[1] + top >= 127:
-            return None
-    ya = _ungroup(av * (1.0 / xa).to(src), size_a)
-    yb = _ungroup(bv * (1.0 / xb).to(src), size_b)
+    grid = 2 * fmt.emin - (2 * fmt.man_bits if spec.mode == "exact" else fmt.man_bits)  # nonzero |P| >= 2^grid
+    top = 2 * (fmt.emax + 1) + 2 + math.ceil(math.log2(max(k, 1)))                     # every |partial| < 2^top
+    fits = lambda ea, eb, margin: (ea is None or eb is None  # noqa: E731
+                                   or (ea[0] + eb[0] + grid >= -126 and ea[1] + eb[1] + top + margin < 127))
+    fusable = _fusable(a) and _fusable(b)
+    if fusable and spec.mode == "exact":
+        wa = _fused(a, fmt, spec.scaling, "a", spec.rounding, "wide", True)
+        wb = _fused(b, fmt, spec.scaling, "b", spec.rounding, "wide", True)
+        if not (wa[2] or wb[2]):
+            if not fits(wa[3], wb[3], 0):
+                return None
+            if fits(wa[3], wb[3], 1):
+                return _matmul(wa[0], wb[0], wide_spec(spec).replace(backend=backend))
+    fa = _fused(a, fmt, spec.scaling, "a", spec.rounding, "scaled", True) if fusable else None
+    fb = _fused(b, fmt, spec.scaling, "b", spec.rounding, "scaled", True) if fusable else None
+    if fb is not None:  # y = x (1/X), the compact scales X and their exponent range, two C++ passes each
+        (ya, ca, _, ea), (yb, cb, _, eb) = fa, fb
+    else:
+        src = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+        av, size_a = _grouped(a.detach().to(src), spec.scaling, "a")
+        bv, size_b = _grouped(b.detach().to(src), spec.scaling, "b")
+        xa, xb = _scales_grouped(av, fmt, spec.scaling), _scales_grouped(bv, fmt, spec.scaling)
+        ca, cb = _compact(xa, spec.scaling, "a"), _compact(xb, spec.scaling, "b")  # 0-dim, or [.., M, 1] / [.., 1, N]
+        ea, eb = _finite_exponents(ca), _finite_exponents(cb)
+    if not fits(ea, eb, 0):
+        return None
+    if fb is None:
+        ya = _ungroup(av * (1.0 / xa).to(src), size_a)
+        yb = _ungroup(bv * (1.0 / xb).to(src), size_b)
     out = _matmul(ya, yb, spec.replace(scaling="none", backend=backend))
-    ca, cb = _compact(xa, spec.scaling, "a"), _compact(xb, spec.scaling, "b")  # 0-dim, or [.., M, 1] / [.., 1, N]
+    if fb is not None and spec.scaling == "row" and out.is_contiguous():  # no [.., M, N] temporary
+        from lmul.kernels import cpu_ext
+
+        m, n = out.shape[-2:]
+        lead = out.shape[:-2]
+        cpu_ext.scale_outer(out.view(-1, m, n), ca.expand(*lead, m, 1).reshape(-1, m),
+                            cb.expand(*lead, 1, n).reshape(-1, n))
+        return out
     return out.mul_(ca * cb)  # one power of two per output (NaN for a NaN group): exact in range
+
+
+def _fusable(x: torch.Tensor) -> bool:
+    """Whether :func:`lmul.kernels.cpu_ext.scaled_operand` takes ``x`` (CPU float32/16, C++ loadable)."""
+    from lmul.kernels import cpu_ext
+
+    return x.numel() > 0 and cpu_ext.scaled_unavailable(x) is None
+
+
+def _fused(x: torch.Tensor, fmt: Format, scaling: str, operand: str, rounding: str, out: str, scratch: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor, bool, tuple[int, int] | None] | None:
+    """``(y, X, bad, s_range)`` from :func:`lmul.kernels.cpu_ext.scaled_operand` with ``scaling``'s groups
+    (``y`` with ``x``'s shape; ``X`` compact as :func:`_compact`; ``out``, ``bad``, ``s_range`` as there, the
+    wide format :func:`wide_format`), the same bits as the torch path; None where it cannot run.
+    ``scratch``: ``y`` in the thread's scratch buffer for ``operand`` (valid until the next such call)."""
+    from lmul.kernels import cpu_ext
+
+    if not _fusable(x):
+        return None
+    d0, d1 = x.shape[-2:]
+    if scaling == "tensor":
+        x3, tile = x.reshape(1, -1, d1), (x.numel() // d1, d1)
+    else:
+        g = d1 if scaling == "row" and operand == "a" else d0 if scaling == "row" else GROUP[scaling]
+        r = GROUP[scaling] if (scaling == "block" and operand == "b") else 1
+        x3, tile = x.reshape(-1, d0, d1), ((1, g) if operand == "a" else (g, r))
+    y, scales, bad, s_range = cpu_ext.scaled_operand(x3, tile, fmt, rounding, scaling == "mx", out, TORCHAO_EPS,
+                                                      wide_format(fmt), f"scaled_{operand}" if scratch else None)
+    lead = x.shape[:-2]
+    scales = scales.reshape(()) if scaling == "tensor" else scales.reshape(*lead, *scales.shape[-2:])
+    return y.reshape(x.shape), scales, bad, s_range
 
 
 def _finite_exponents(x: torch.Tensor) -> tuple[int, int] | None:

@@ -290,3 +290,217 @@ def test_triton_refuses_scaling():
     for name in ("triton", "triton-tc"):
         why = lmul.kernels._unavailable(lmul.kernels.get("matmul", name), torch.ones(1, 1, 1), spec)
         assert why and "scaling" in why
+
+
+# The fused C++ scaled operands (lmul.kernels.cpu_ext.scaled_operand, used by the cpu and decompose
+# backends on CPU float32/16 tensors) against lmul.scaling's torch path, bit for bit (NaN positions
+# equal): the group scales, x 2^-s, the wide operands and whole scaled L-Matmuls.
+
+def _hostile(shape: tuple, seed: int, kind: str) -> torch.Tensor:
+    """``mild``: randn with a few all-zero rows/columns and a NaN; ``hostile``: exponents over
+    float32's whole range, float32 subnormals, values near float32's max, ±inf and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    flat = x.view(-1)
+    n = flat.numel()
+    pick = lambda k: torch.randint(0, n, (k,), generator=g)  # noqa: E731
+    if kind == "mild":
+        if x.shape[-2] > 2 and x.shape[-1] > 2:
+            x[..., 1, :] = 0.0
+            x[..., :, 2] = 0.0
+        if n > 50:
+            flat[pick(1)] = float("nan")
+        return x
+    flat.mul_(torch.exp2(torch.randint(-150, 128, (n,), generator=g).float()))
+    flat[pick(max(1, n // 20))] = torch.randn(max(1, n // 20), generator=g) * 2.0**-140   # float32 subnormals
+    flat[pick(max(1, n // 50))] = 3.3e38 * torch.sign(torch.randn(max(1, n // 50), generator=g))
+    flat[pick(max(1, n // 10))] = 0.0
+    for v in (float("nan"), float("inf"), -float("inf")):
+        if n > 200:
+            flat[pick(1)] = v
+    return x
+
+
+def _torch_path(monkeypatch) -> None:
+    monkeypatch.setattr(lmul.scaling, "_fusable", lambda x: False)
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert_bits(got.float().reshape(-1), want.float().reshape(-1).numpy(), what)
+
+
+FUSED_SHAPES = [(37, 300), (2, 130, 77), (1, 1), (5, 64), (129, 33)]
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "fp4"])
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("kind", ["mild", "hostile"])
+def test_fused_operand_matches_torch(fmt, scaling, kind, monkeypatch):
+    from lmul.scaling import _finite_exponents, _fused, _wide_operand, wide_format
+
+    f = Format.parse(fmt)
+    for seed, shape in enumerate(FUSED_SHAPES):
+        x = _hostile(shape, seed, kind)
+        for operand in ("a", "b"):
+            what = f"{fmt} {scaling} {kind} {shape} {operand}"
+            y, scales, bad, s_range = _fused(x, f, scaling, operand, "rne", "scaled")
+            assert bad is False
+            want_scales = scale_exponents(x, fmt, scaling, operand)
+            _assert_same(scales, want_scales, what + " scales")
+            assert s_range == _finite_exponents(want_scales), what
+            _assert_same(y, x / _per_element(want_scales, x, scaling, operand), what + " x 2^-s")
+            for mode in ("exact", "bit", "formula"):
+                for rounding in ("rne", "trunc"):
+                    spec = LMulSpec(fmt, mode, rounding=rounding, scaling=scaling)
+                    got = _fused(x, f, scaling, operand, rounding, "wide" if mode == "exact" else "wide_flush")
+                    with monkeypatch.context() as m:
+                        _torch_path(m)
+                        want = _wide_operand(x, spec, operand)
+                    assert got[2] == (want is None), (what, mode, rounding)
+                    if want is not None:
+                        assert got[0].dtype == torch.float32 and wide_format(fmt).man_bits == f.man_bits
+                        _assert_same(got[0], want, f"{what} {mode} {rounding} w")
+
+
+def _per_element(scales: torch.Tensor, x: torch.Tensor, scaling: str, operand: str) -> torch.Tensor:
+    """Each element's group scale from the compact ones (a layout independent of lmul.scaling)."""
+    if scaling == "tensor":
+        return scales.expand(x.shape)
+    d0, d1 = x.shape[-2:]
+    g = {"row": d1 if operand == "a" else d0, "block": 128, "mx": 32}[scaling]
+    if operand == "a":
+        return scales.repeat_interleave(g, dim=-1)[..., :d1]
+    r = 128 if scaling == "block" else 1
+    return scales.repeat_interleave(g, dim=-2)[..., :d0, :].repeat_interleave(r, dim=-1)[..., :d1]
+
+
+def _matmul_both(a, b, fmt, mode, scaling, rounding, backend, monkeypatch, acc="fp32"):
+    got = matmul(a, b, fmt, mode, rounding=rounding, backend=backend, scaling=scaling, acc=acc)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        want = matmul(a, b, fmt, mode, rounding=rounding, backend=backend, scaling=scaling, acc=acc)
+    _assert_same(got, want, f"{backend} {fmt} {mode} {scaling} {rounding} acc={acc}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "decompose"])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "fp4"])
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_matmul_matches_torch_path(backend, fmt, mode, monkeypatch):
+    for seed, (ash, bsh) in enumerate([((19, 300), (300, 37)), ((2, 3, 129), (129, 66)), ((3, 1, 40), (3, 40, 130))]):
+        for kind, rounding in (("mild", "rne"), ("hostile", "trunc")):
+            a, b = _hostile(ash, 2 * seed, kind), _hostile(bsh, 2 * seed + 1, kind)
+            for scaling in SCALINGS:
+                _matmul_both(a, b, fmt, mode, scaling, rounding, backend, monkeypatch)
+        _matmul_both(a, b, fmt, mode, SCALINGS[seed], "rne", backend, monkeypatch, acc="e5m2")
+
+
+def test_fused_matmul_dtypes(monkeypatch):
+    """float16/bfloat16 operands (converted exactly) take the fused path, float64 the torch path."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        a, b = _hostile((33, 200), 0, "mild").to(dtype), _hostile((200, 65), 1, "mild").to(dtype)
+        assert lmul.scaling._fusable(a) == (dtype != torch.float64)
+        for scaling in SCALINGS:
+            for mode in MODES:
+                _matmul_both(a, b, "e4m3", mode, scaling, "rne", "cpu", monkeypatch)
+    a, bt = _hostile((33, 200), 2, "mild"), _hostile((65, 200), 3, "mild")
+    for scaling in SCALINGS:   # a transposed (non-contiguous) right operand
+        _matmul_both(a, bt.t(), "e4m3", "bit", scaling, "rne", "cpu", monkeypatch)
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_fused_operand_threads(scaling, monkeypatch):
+    """Operands large enough for the fused pass to use every thread (its parallel reductions)."""
+    from lmul.scaling import _fused, _wide_operand
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        x = _hostile((2, 300, 520), 7, "mild")
+        x[1, 5:40, 100:200] = 0.0
+        for operand in ("a", "b"):
+            spec = LMulSpec("e4m3", "exact", scaling=scaling)
+            got = _fused(x, spec.fmt, scaling, operand, "rne", "wide")
+            _assert_same(got[1], scale_exponents(x, "e4m3", scaling, operand), f"{scaling} {operand} scales")
+            with monkeypatch.context() as m:
+                _torch_path(m)
+                want = _wide_operand(x, spec, operand)
+            assert want is not None and not got[2]
+            _assert_same(got[0], want, f"{scaling} {operand} w")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 100),
+       scaling=st.sampled_from(SCALINGS), fmt=st.sampled_from(["e4m3", "e5m2", "fp4"]), mode=st.sampled_from(MODES),
+       rounding=st.sampled_from(["rne", "trunc"]), kind=st.sampled_from(["mild", "hostile"]),
+       spread=st.integers(0, 60), backend=st.sampled_from(["cpu", "decompose"]))
+def test_fused_matmul_matches_torch_path_random(seed, m, k, n, scaling, fmt, mode, rounding, kind, spread, backend):
+    g = torch.Generator().manual_seed(seed)
+    a, b = _hostile((m, k), seed, kind), _hostile((k, n), seed + 1, kind)
+    a *= torch.exp2(torch.randint(-spread, spread + 1, (m, 1), generator=g).float())   # rows/columns apart
+    b *= torch.exp2(torch.randint(-spread, spread + 1, (1, n), generator=g).float())
+    with pytest.MonkeyPatch.context() as mp:
+        _matmul_both(a, b, fmt, mode, scaling, rounding, backend, mp)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "fp4", "e3m2", "e2m3", "e5m1"])
+@pytest.mark.parametrize("rounding", ["rne", "trunc"])
+def test_fast_quantizer_matches_quantize(fmt, rounding):
+    """The fused pass's quantizer against the C++ one and lmul.formats.quantize on every float32
+    whose low 16 bits are one of a few patterns (each exponent, sign and high mantissa)."""
+    import ctypes
+
+    from lmul.kernels import cpu_ext
+
+    hi = torch.arange(1 << 16, dtype=torch.int64) << 16
+    lows = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1234, 0xBEEF], dtype=torch.int64)
+    bits = (hi[:, None] | lows[None, :]).reshape(-1)
+    x = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32).contiguous()
+    f = Format.parse(fmt)
+    out = torch.empty_like(x)
+    lib = cpu_ext.load()
+    assert lib.lmul_quantize_fast(cpu_ext._ptr(x), ctypes.c_int64(x.numel()), cpu_ext._ptr(out),
+                                  ctypes.byref(cpu_ext._qparams(f, rounding))) == 1
+    _assert_same(out, cpu_ext.quantize_cpu(x, f, rounding), f"{fmt} {rounding} vs C++")
+    _assert_same(out, lmul.quantize(x, fmt, rounding=rounding), f"{fmt} {rounding} vs quantize")
+
+
+def test_wide_scratch_is_trusted_only_untouched():
+    """The exact-mode kernel skips quantizing an operand only while it is the untouched scratch
+    buffer the fused pass filled with wide-format values."""
+    from lmul.kernels import cpu_ext
+    from lmul.scaling import _fused, wide_format
+
+    x = _hostile((16, 64), 0, "mild")
+    wide = wide_format("e4m3")
+    w = _fused(torch.randn(16, 64), Format.parse("e4m3"), "mx", "a", "rne", "wide", True)[0]
+    assert cpu_ext._in_format(w, wide) is True
+    assert cpu_ext._in_format(w, Format.parse("e4m3")) is None
+    assert cpu_ext._in_format(w.clone(), wide) is None
+    assert cpu_ext._in_format(w[1:], wide) is None
+    w2 = _fused(x, Format.parse("e4m3"), "mx", "a", "rne", "wide", True)[0]
+    assert cpu_ext._in_format(w2, wide) is False          # holds NaN: prepared as usual
+    w2.add_(0.1)
+    assert cpu_ext._in_format(w2, wide) is None           # written since
+    _fused(x, Format.parse("e4m3"), "mx", "a", "rne", "scaled", True)
+    assert cpu_ext._in_format(w2, wide) is None
+    cpu_ext.release_workspace()
+    assert cpu_ext._in_format(w, wide) is None
+
+
+def test_fused_matmul_inference_mode(monkeypatch):
+    """Under torch.inference_mode (tensors without a version counter) the scratch operands stay
+    ordinary tensors, so the exact kernel still trusts them; the bits are the torch path's."""
+    from lmul.kernels import cpu_ext
+
+    a, b = _hostile((40, 300), 4, "mild"), _hostile((300, 70), 5, "mild")
+    with torch.inference_mode():
+        ai, bi = a.clone(), b.clone()
+        for scaling in SCALINGS:
+            for mode in MODES:
+                _matmul_both(ai, bi, "e4m3", mode, scaling, "rne", "cpu", monkeypatch)
+        lmul.scaling._wide_operand(ai, LMulSpec("e4m3", "exact", scaling="mx"), "a")
+        w = cpu_ext._WORKSPACE.known["scaled_a"][0]
+        assert not w.is_inference()
