@@ -351,3 +351,26 @@ def test_torchrun_two_processes(tmp_path):
         assert tr["steps"] == math.ceil(SMALL["n_train"] / (2 * SMALL["batch_size"]))  # 2 ranks x batch 2
         assert (out / "arms" / arm / "model" / "model.safetensors").is_file()
     assert len(json.loads((out / "arms" / "lmul-all-k3" / "eval_same.json").read_text())["gold"]) == 4
+
+
+def _evs(*per_arm):
+    """Evaluation files of e4m3, L-Mul, e5m2 (PATTERN_ARMS order) with these per-item bpb lists."""
+    return [{"gold": [{"id": i, "bpb": v} for i, v in enumerate(vals)]} for vals in per_arm]
+
+
+def test_paper_pattern_verdicts():
+    """The Table 6 pattern per reading: e5m2 resolvably worst and L-Mul ≈ e4m3 holds; L-Mul between
+    them, resolvably, holds in part; L-Mul worst does not. The differences are means of paired item
+    differences (exact here: constant shifts), the order by mean bpb."""
+    from lmul.finetune.report import _order
+
+    base = [0.5 + 0.01 * (i % 7) for i in range(40)]
+    noisy = [b + (0.02 if i % 2 else -0.02) for i, b in enumerate(base)]  # mean shift 0, CI spans 0
+    r = _order(_evs(base, noisy, [b + 1.0 for b in base]), seed=0)
+    assert r["verdict"].startswith("holds") and r["order"] in ("e4m3 ≈ L-Mul < e5m2", "L-Mul ≈ e4m3 < e5m2")
+    assert abs(r["diffs"]["e5m2 − e4m3"]["diff"] - 1.0) < 1e-9 and abs(r["gap_ratio"]) < 1e-9
+    r = _order(_evs(base, [b + 0.3 for b in base], [b + 1.0 for b in base]), seed=0)
+    assert r["verdict"].startswith("in part") and r["order"] == "e4m3 < L-Mul < e5m2"
+    assert abs(r["gap_ratio"] - 0.3) < 1e-9
+    r = _order(_evs(base, [b + 2.0 for b in base], [b + 1.0 for b in base]), seed=0)
+    assert r["verdict"] == "no" and r["order"] == "e4m3 < e5m2 < L-Mul" and not r["holds"]
