@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -529,6 +530,9 @@ def test_a_second_ctrl_c_exits_130(tmp_path):
             "def slow(args):\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(30)\n"
             "lmul.demo.run = slow\nsys.argv = ['lmul', 'demo']\nfrom lmul.cli import main\n"
             "status = main()\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\nraise SystemExit(status)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    # a terminal's Ctrl-C: SIGINT at its default, whatever this worker inherited (an ignored SIGINT is
+    # inherited by the child, which then never sees either Ctrl-C and exits 0 after 60 s)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.returncode == 130, (p.returncode, p.stderr)
     assert "lmul demo: interrupted" in p.stderr and "Traceback" not in p.stderr, p.stderr
