@@ -135,18 +135,24 @@ def _block_pieces(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec
     """One accumulator block's float32 sums over all of k (:func:`_run`'s ``block_sum``), in pieces of
     at most ``bs`` batches, ``rm`` rows, ``cn`` columns and ``kk`` products, the block sum carried
     across the k pieces (``within_block=True``: the same bits as one piece)."""
-    bsz, m, k = a.shape
+    bsz, m, _ = a.shape
     n = b.shape[-1]
     out = torch.empty(bsz, m, n, dtype=torch.float32, device=a.device)
     for b0 in range(0, bsz, bs):
         for r0 in range(0, m, rm):
             for c0 in range(0, n, cn):
-                ap, bp = a[b0:b0 + bs, r0:r0 + rm], b[b0:b0 + bs, :, c0:c0 + cn]
-                s = torch.zeros(ap.shape[0], ap.shape[1], bp.shape[-1], dtype=torch.float32, device=a.device)
-                for k0 in range(0, k, kk):
-                    s = entry.fn(ap[..., k0:k0 + kk], bp[:, k0:k0 + kk], spec, init=s, within_block=True)
-                out[b0:b0 + bs, r0:r0 + rm, c0:c0 + cn] = s
+                out[b0:b0 + bs, r0:r0 + rm, c0:c0 + cn] = _one_block(
+                    entry, a[b0:b0 + bs, r0:r0 + rm], b[b0:b0 + bs, :, c0:c0 + cn], spec, kk)
     return out
+
+
+def _one_block(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, kk: int) -> torch.Tensor:
+    """The float32 sequential sum of all of ``a``'s k products as one accumulator block, from +0, fed
+    to ``entry`` in k pieces of at most ``kk`` (``within_block=True``: the same bits as one piece)."""
+    s = torch.zeros(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.float32, device=a.device)
+    for k0 in range(0, a.shape[-1], kk):
+        s = entry.fn(a[..., k0:k0 + kk], b[:, k0:k0 + kk], spec, init=s, within_block=True)
+    return s
 
 
 def _acc_pieces(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: LMulSpec, kk: int) -> torch.Tensor:
@@ -166,11 +172,7 @@ def _acc_pieces(entry: kernels.Backend, a: torch.Tensor, b: torch.Tensor, spec: 
         return total
     total = torch.zeros(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.float32, device=a.device)
     for k0 in range(0, k, block):
-        k1 = min(k, k0 + block)
-        s = torch.zeros_like(total)
-        for p0 in range(k0, k1, kk):
-            s = entry.fn(a[..., p0:min(k1, p0 + kk)], b[:, p0:min(k1, p0 + kk)], spec, init=s, within_block=True)
-        total = round_acc(total + s, spec.acc)
+        total = round_acc(total + _one_block(entry, a[..., k0:k0 + block], b[:, k0:k0 + block], spec, kk), spec.acc)
     return total
 
 
